@@ -1,0 +1,1 @@
+"""Data room: corpus sources, report cleaning, tokenizer, shard writer/verifier, synthetic corpus, loaders."""

@@ -1,0 +1,139 @@
+"""The shard sample contract (DESIGN §3), in one place.
+
+One WebDataset sample per radiograph; the key has no dots. Members, in this order inside the tar:
+
+- ``KEY.jpg``   8-bit single-channel (grayscale) baseline JPEG, long side <= ``max_side``.
+- ``KEY.txt``   the cleaned report, UTF-8.
+- ``KEY.ids``   token ids, little-endian int32, exactly ``max_tokens`` of them: ``[CLS] ... [SEP]``
+                then the tokenizer's pad id.
+- ``KEY.flags`` uint8, exactly ``max_tokens``: bit 0 = real token (attention mask), bit 1 = the token
+                starts a word (never set on special tokens or ``##`` continuation pieces).
+- ``KEY.json``  metadata: ``source`` ids, ``view``, ``labels`` (when known), ``orig_size`` [w, h], ...
+
+Fixed-width token arrays let DALI read them as raw bytes and reinterpret them with no Python per sample.
+Every shard ``NAME.tar`` has a DALI index ``NAME.idx`` in the format DALI's ``wds2idx`` writes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import Iterable, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = "mrm-scale-shards/1"
+MEMBERS = ("jpg", "txt", "ids", "flags", "json")
+IDS_DTYPE = np.dtype("<i4")
+FLAGS_DTYPE = np.dtype("u1")
+FLAG_ATTENTION = 1
+FLAG_WORD_START = 2
+
+# Image normalisation of the method (DESIGN §1).
+IMAGE_MEAN = 0.4978
+IMAGE_STD = 0.2449
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SPLITS = ("train", "val")
+INDEX_VERSION = "v1.2"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def encode_tokens(ids: list[int], word_start: list[bool], max_tokens: int, pad_id: int) -> tuple[bytes, bytes]:
+    """Pad/clip one tokenised report to ``max_tokens`` and return the ``ids`` and ``flags`` payloads."""
+    n = min(len(ids), max_tokens)
+    arr = np.full(max_tokens, pad_id, dtype=IDS_DTYPE)
+    arr[:n] = ids[:n]
+    flags = np.zeros(max_tokens, dtype=FLAGS_DTYPE)
+    flags[:n] = FLAG_ATTENTION
+    ws = np.asarray(word_start[:n], dtype=bool)
+    flags[:n][ws] |= FLAG_WORD_START
+    return arr.tobytes(), flags.tobytes()
+
+
+def decode_tokens(ids_bytes: bytes, flags_bytes: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_tokens`: (ids int64, attention_mask int64, word_start bool)."""
+    ids = np.frombuffer(ids_bytes, dtype=IDS_DTYPE).astype(np.int64)
+    flags = np.frombuffer(flags_bytes, dtype=FLAGS_DTYPE)
+    if ids.shape != flags.shape:
+        raise ValueError(f"ids has {ids.size} entries but flags has {flags.size}")
+    return ids, (flags & FLAG_ATTENTION).astype(np.int64), (flags & FLAG_WORD_START) != 0
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write samples ``(key, {ext: payload})`` to ``path`` byte-reproducibly (fixed metadata, given order).
+
+    Returns the number of samples written.
+    """
+    count = 0
+    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples:
+            if "." in key or "/" in key:
+                raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+            for ext in MEMBERS:
+                if ext in parts:
+                    payload = parts[ext]
+                    tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+            count += 1
+    return count
+
+
+def index_lines(tar_path: str) -> list[str]:
+    """The DALI index (``wds2idx`` format v1.2) of a tar: one line per sample, ``ext offset size name`` per
+    member, offsets pointing at the member data."""
+    samples: list[list[str]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            base, _, ext = m.name.partition(".")
+            entry = f"{ext} {m.offset_data} {m.size} {m.name}"
+            if base != last:
+                samples.append([entry])
+                last = base
+            else:
+                samples[-1].append(entry)
+    return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
+
+
+def write_index(tar_path: str, idx_path: str) -> None:
+    with open(idx_path, "w") as f:
+        f.write("\n".join(index_lines(tar_path)) + "\n")
+
+
+def iter_tar_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Read a shard back as ``(key, {ext: payload})`` in tar order (raises ``tarfile.TarError`` on damage)."""
+    key, parts = None, {}
+    with tarfile.open(tar_path, "r:") as tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            base, _, ext = m.name.partition(".")
+            if base != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = base, {}
+            f = tar.extractfile(m)
+            parts[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, parts
