@@ -390,3 +390,49 @@ def test_cli_prep_strict_and_verify_exit_codes(corpus, tmp_path):
     idx.write_text(idx.read_text().replace(" 512 ", " 1024 ", 1))
     v = subprocess.run([sys.executable, "-m", "mrm_scale.cli", "verify", str(tmp_path / "out")], capture_output=True, text=True)
     assert v.returncode == 1 and f"{idx.name}: index does not match" in v.stdout
+
+
+def test_synthetic_shards_read_by_webdataset_and_dali(tmp_path):
+    """The issue's acceptance: 64 synthetic samples in shards of 16, verify OK, tar lists the members, and both
+    `webdataset.WebDataset` and DALI's `fn.readers.webdataset` (CPU, written index files) read every sample."""
+    import webdataset as wds
+    from nvidia.dali import fn, pipeline_def
+
+    out = tmp_path / "syn"
+    cmd = [sys.executable, "-m", "mrm_scale.cli", "prep", "--source", "synthetic", "--num", "64", "--shard-size",
+           "16", "--synthetic-size", "256", "--out", str(out), "--no-progress"]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    v = subprocess.run([sys.executable, "-m", "mrm_scale.cli", "verify", str(out)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    entries = [e for s in ("train", "val") for e in m["splits"][s]["shards"]]
+    assert sum(e["samples"] for e in entries) == 64
+    keys = set()
+    for e in entries:
+        names = subprocess.run(["tar", "-tf", str(out / e["tar"])], capture_output=True, text=True, check=True).stdout.split()
+        assert len(names) == 5 * e["samples"] and all(n.rsplit(".", 1)[-1] in sf.MEMBERS for n in names)
+        keys |= {n.split(".")[0] for n in names}
+    assert len(keys) == 64
+    tars = [str(out / e["tar"]) for e in entries]
+    seen = [s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)]
+    assert sorted(seen) == sorted(keys)
+    for s in wds.WebDataset(tars[:1], shardshuffle=False).decode("l"):
+        assert s["jpg"].ndim == 2 and len(s["ids"]) == 4 * m["max_tokens"] and "labels" in s["json"]
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def reader():
+        jpg, ids = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "ids"],
+                                         missing_component_behavior="error", name="reader")
+        return fn.decoders.image(jpg, device="cpu", output_type=types.GRAY), ids
+
+    from nvidia.dali import types
+
+    pipe = reader()
+    pipe.build()
+    n = 0
+    while n < 64:
+        images, ids = pipe.run()
+        for i in range(len(images)):
+            assert images.at(i).shape[-1] == 1 and ids.at(i).size == 4 * m["max_tokens"]
+        n += len(images)
+    assert n == 64 and pipe.epoch_size("reader") == 64

@@ -1,0 +1,203 @@
+"""The pretraining loop: micro-steps under the DeepSpeed engine, the non-finite loss guard, checkpoints,
+metrics and the optional per-rank trace.
+
+Masks are seeded per micro-step from ``(seed, step, micro-step, rank)``, so a resumed run draws the same
+masks as an uninterrupted one; the loader's position and the RNG states come back from the checkpoint.
+
+Non-finite guard: the loss of every micro-batch is checked on all ranks together (one all-reduce). When it is
+NaN/inf anywhere, no rank runs backward or step for that micro-batch — the engine sees nothing, so no update
+comes from it and DeepSpeed's accumulation counters stay aligned — and the batch is counted and logged.
+After ``--max-bad-steps`` consecutive bad micro-batches the run stops with advice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import bf16_enabled
+from .metrics import Metrics, device_peak_tflops
+from .setup import Run, build_loader_for
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def _any_rank(flag: bool, device: str) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _to_device(batch: dict, device: str, image_dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if k == "image":
+                v = v.to(image_dtype)
+        out[k] = v
+    return out
+
+
+class BatchStream:
+    """Endless batches over epochs, timing how long the loop waits for data."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.it = iter(loader)
+        self.wait = 0.0
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)  # the loader moved on to its next epoch
+            batch = next(self.it)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+
+def param_digest(engine) -> str:
+    """sha256 over the full parameters (gathered under ZeRO-3) — for checking that ranks agree."""
+    h = hashlib.sha256()
+    params = list(engine.module.named_parameters())
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            for name, p in params:
+                h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    else:
+        for name, p in params:
+            h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(run: Run, engine, model) -> dict:
+    args = run.args
+    accum = run.ds_config["gradient_accumulation_steps"]
+    global_batch = run.ds_config["train_batch_size"]
+    bf16 = bf16_enabled(run.ds_config)
+    image_dtype = torch.bfloat16 if bf16 else torch.float32
+    max_steps = args.max_steps
+    # Tests: "2,2,3" makes the next two batches tried for step 2 and the next one for step 3 non-finite.
+    nan_steps = Counter(int(s) for s in args.debug_nan_steps.split(",") if s.strip())
+
+    step, loader_state = 0, None
+    if run.resume_from:
+        step, loader_state, _ = checkpoint.load(engine, *run.resume_from, run.rank)
+        if run.is_main:
+            print(f"resumed from {os.path.join(*run.resume_from)} at step {step}", flush=True)
+    loader = build_loader_for(run, loader_state)
+    stream = BatchStream(loader)
+
+    from mrm_scale.model.flops import formula_training_flops
+
+    flops = formula_training_flops(run.model_cfg, vocab_size=run.manifest["tokenizer"]["vocab_size"])["total"]
+    peak, peak_src = device_peak_tflops(run.device, image_dtype, args.peak_tflops)
+    metrics = Metrics(run.run_dir, run.rank, flops, peak, run.world_size)
+    if run.is_main:
+        print(f"training {run.model_cfg.name}: {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.1f} M params, "
+              f"{flops / 1e9:.2f} GFLOP/sample, {run.world_size} rank(s) x micro batch "
+              f"{run.ds_config['train_micro_batch_size_per_gpu']} x accum {accum} = {global_batch}/step, "
+              f"{max_steps} steps, peak {peak:.2f} TFLOP/s ({peak_src}), run folder {run.run_dir}", flush=True)
+    trace = None
+    if args.trace:
+        os.makedirs(os.path.join(run.run_dir, "trace"), exist_ok=True)
+        trace = open(os.path.join(run.run_dir, "trace", f"rank{run.rank}.jsonl"), "a")
+
+    decode = None
+    if run.is_main and run.model_cfg.has_report_head:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"]))
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+
+    bad_total = bad_run = 0
+    last = {}
+    engine.train()
+    try:
+        while step < max_steps:
+            if args.debug_crash_at is not None and step + 1 >= args.debug_crash_at:
+                os._exit(137)  # simulate a killed job (tests of --resume)
+            t0 = time.perf_counter()
+            stream.wait = 0.0
+            sums = {"loss": 0.0, "image_loss": 0.0, "report_loss": 0.0}
+            keys, good, micro = [], 0, 0
+            while good < accum:
+                batch = _to_device(stream.next(), run.device, image_dtype)
+                out = engine(batch, seed=step_seed(args.seed, step, micro, run.rank))
+                micro += 1
+                loss = out.loss
+                if nan_steps[step + 1] > 0:
+                    nan_steps[step + 1] -= 1
+                    loss = loss * float("nan")
+                if _any_rank(not bool(torch.isfinite(loss.detach()).item()), run.device):
+                    bad_total += 1
+                    bad_run += 1
+                    if run.is_main:
+                        print(f"step {step + 1}: non-finite loss on some rank; batch skipped, no update "
+                              f"({bad_run} in a row, {bad_total} in all)", flush=True)
+                    if bad_run >= args.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"the loss was NaN/inf for {bad_run} consecutive batches (step {step + 1}); try a lower "
+                            "--blr or --lr, more --warmup-steps, --clip-grad 1.0, --precision fp32, and check the "
+                            f"data with `mrm-scale verify {args.shards}`")
+                    continue
+                bad_run = 0
+                engine.backward(loss)
+                engine.step()
+                good += 1
+                keys.extend(batch["key"])
+                sums["loss"] += loss.item() / accum
+                sums["image_loss"] += out.image_loss.item() / accum
+                if out.report_loss is not None:
+                    sums["report_loss"] += out.report_loss.item() / accum
+            step += 1
+            seconds = time.perf_counter() - t0
+            grad_norm = engine.get_global_grad_norm()
+            values = {**sums, "lr": engine.get_lr()[0], "bad_steps": bad_total,
+                      "grad_norm": None if grad_norm is None else float(grad_norm)}
+            if out.report_loss is None:
+                values["report_loss"] = None
+            last = values
+            if trace:
+                trace.write(json.dumps({"step": step, "keys": keys, **{k: values[k] for k in sums}}) + "\n")
+                trace.flush()
+            log_now = step % args.log_every == 0 or step == max_steps or step == 1
+            if log_now:
+                metrics.step(step, max_steps, values, global_batch, seconds, stream.wait, console=True)
+            if args.vis_every and (step % args.vis_every == 0 or step == max_steps):
+                metrics.visualise(step, run.model_cfg, batch, out, decode)
+            if step % args.save_every == 0 or step == max_steps:
+                tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.run_config, args.keep_last)
+                if run.is_main:
+                    print(f"checkpoint {os.path.join(run.ckpt_dir, tag)}", flush=True)
+    finally:
+        metrics.close()
+    digest = param_digest(engine)
+    if trace:
+        trace.write(json.dumps({"final": True, "step": step, "param_sha256": digest, "world_size": run.world_size,
+                                "skipped_samples": getattr(loader, "skipped", 0)}) + "\n")
+        trace.close()
+    if run.is_main:
+        print(f"done: {step} steps. Checkpoints: {run.ckpt_dir}  TensorBoard: tensorboard --logdir "
+              f"{os.path.join(run.run_dir, 'tb')}", flush=True)
+    return {"step": step, **last}

@@ -1,0 +1,239 @@
+"""Everything before the first step: distributed start, run folder, demo corpus, checks, loader, model, engine.
+
+Every check that can fail (batch arithmetic, shards vs ranks × workers, tokenizer/vocabulary, missing shards,
+unknown preset, resume under another world size) runs here, before any training compute, and raises
+:class:`~mrm_scale.train.config.RunConfigError` naming the flag or field to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mrm_scale.data import shardformat as sf
+from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, tokenizer_sha256
+from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
+
+from . import checkpoint
+from .config import DEFAULT_SHARDS, RunConfigError, ds_config_path, load_ds_json, resolve_ds_config
+
+log = logging.getLogger("mrm_scale.train")
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str
+    run_dir: str
+    ckpt_dir: str
+    manifest: dict
+    model_cfg: MRMConfig
+    ds_config: dict
+    loader_cfg: LoaderConfig
+    resume_from: tuple[str, str] | None = None
+    run_config: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def start_distributed() -> tuple[int, int, int, str]:
+    """Initialise the process group through DeepSpeed (nccl on GPUs, gloo on CPU); (rank, world, local, device)."""
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # Started with plain `python`: a world of one, without MPI discovery.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local)
+        device = f"{acc.device_name()}:{local}"
+    else:
+        device = "cpu"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if "OMP_NUM_THREADS" not in os.environ or int(os.environ["OMP_NUM_THREADS"]) < 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return rank, world, local, device
+
+
+def prepare_demo_if_needed(shards: str, demo_num: int, seed: int, rank: int) -> None:
+    """``shards/demo`` is prepared on first use (rank 0 prepares, the others wait); other paths must exist."""
+    manifest = os.path.join(shards, sf.MANIFEST)
+    if os.path.isfile(manifest):
+        return
+    if os.path.normpath(shards) != os.path.normpath(DEFAULT_SHARDS):
+        raise RunConfigError(
+            f"--shards {shards}: no manifest.json there; prepare the corpus first, e.g. "
+            f"`mrm-scale prep --source csv --input training.csv --out {shards}` (only the default {DEFAULT_SHARDS} "
+            "is prepared automatically)")
+    if rank == 0:
+        from mrm_scale.data.prep import PrepOptions, run_prep, summary
+
+        print(f"{shards} does not exist: preparing the built-in synthetic corpus ({demo_num} records) ...", flush=True)
+        res = run_prep(PrepOptions(source="synthetic", out=shards, num=demo_num, seed=seed, shard_size=32,
+                                   workers=min(4, os.cpu_count() or 1), progress=False))
+        print(summary(res), flush=True)
+    _barrier()
+
+
+def setup_run(args: argparse.Namespace) -> Run:
+    rank, world, local, device = start_distributed()
+    if rank != 0:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_json = load_ds_json(ds_config_path(args))
+    try:
+        model_cfg = get_preset(args.preset)
+    except ValueError as e:
+        raise RunConfigError(f"--preset: {e}") from None
+    overrides = {}
+    if args.image_size:
+        overrides["img_size"] = args.image_size
+    if args.mask_ratio is not None:
+        overrides["mask_ratio"] = args.mask_ratio
+    if args.report_weight is not None:
+        overrides["report_weight"] = args.report_weight
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
+    try:
+        model_cfg = model_cfg.replace(**overrides).validate() if overrides else model_cfg.validate()
+    except (ValueError, TypeError) as e:
+        raise RunConfigError(str(e)) from None
+
+    name = args.name or f"mrm-{args.preset}"
+    run_dir = os.path.join(args.out_root, name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    prepare_demo_if_needed(args.shards, args.demo_num, args.seed, rank)
+    with open(os.path.join(args.shards, sf.MANIFEST)) as f:
+        manifest = json.load(f)
+    if int(manifest["max_tokens"]) != model_cfg.max_tokens:
+        model_cfg = model_cfg.replace(max_tokens=int(manifest["max_tokens"]))
+
+    expected_tok = tokenizer_sha256(args.tokenizer) if args.tokenizer else None
+    micro = args.micro_batch or ds_json.get("train_micro_batch_size_per_gpu")
+    loader_cfg = LoaderConfig(
+        shards=args.shards, split="train", backend=args.backend, batch_size=int(micro or 1),
+        image_size=model_cfg.img_size, channels=model_cfg.in_chans, max_tokens=model_cfg.max_tokens,
+        workers=args.workers, seed=args.seed, tokenizer_sha256=expected_tok,
+        device=device if device.startswith("cuda") else "cpu")
+    try:
+        probe = build_loader(loader_cfg, rank, world)  # runs every data check; cheap (no pipeline started)
+        steps_per_epoch = len(probe)
+        del probe
+    except LoaderError as e:
+        raise RunConfigError(str(e)) from None
+
+    ds_config = resolve_ds_config(ds_json, args, world, steps_per_epoch, run_dir)
+    resume_from = checkpoint.find_resume(ckpt_dir, args.resume) if args.resume else None
+    run = Run(args=args, rank=rank, world_size=world, local_rank=local, device=device, run_dir=run_dir,
+              ckpt_dir=ckpt_dir, manifest=manifest, model_cfg=model_cfg, ds_config=ds_config,
+              loader_cfg=loader_cfg, resume_from=resume_from)
+    run.run_config = {
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and _jsonable(v)},
+        "model": model_cfg.to_dict(), "ds_config": ds_config, "world_size": world,
+        "loader": {k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)},
+        "tokenizer": manifest["tokenizer"], "shards": os.path.abspath(args.shards),
+    }
+    if resume_from:
+        _check_resumable(run)
+    if run.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=2)
+        with open(os.path.join(run_dir, "run_config.json"), "w") as f:
+            json.dump(run.run_config, f, indent=2)
+        print("resolved DeepSpeed config:\n" + json.dumps(ds_config, indent=2), flush=True)
+    _barrier()
+    return run
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _check_resumable(run: Run) -> None:
+    """Refuse, before compute, a resume that would be silently wrong."""
+    ckpt = os.path.join(*run.resume_from)
+    path = os.path.join(ckpt, checkpoint.COMPLETE)
+    with open(path) as f:
+        info = json.load(f)
+    if info.get("world_size") != run.world_size:
+        raise RunConfigError(
+            f"{ckpt} was written by {info.get('world_size')} ranks, this run has {run.world_size}: resume with "
+            f"{info.get('world_size')} ranks (each rank's data position is stored), or start a new --name")
+    saved = os.path.join(run.run_dir, "run_config.json")
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            old = json.load(f)
+        if old.get("tokenizer", {}).get("sha256") != run.manifest["tokenizer"]["sha256"]:
+            raise RunConfigError(
+                f"{ckpt} was trained on shards with tokenizer sha256 {old['tokenizer'].get('sha256')}, but "
+                f"{run.args.shards} uses {run.manifest['tokenizer']['sha256']}: the vocabulary would not match; "
+                "resume on the same shards or start a new --name")
+
+
+def build_loader_for(run: Run, state: dict | None):
+    return build_loader(run.loader_cfg, run.rank, run.world_size, state=state)
+
+
+def build_engine(run: Run):
+    """The MRM model wrapped in a DeepSpeed engine (optimizer and scheduler from the resolved config)."""
+    import deepspeed
+
+    tok = run.manifest["tokenizer"]
+    model = build_model(run.model_cfg, vocab_size=tok["vocab_size"], pad_token_id=tok["pad_id"],
+                        cls_token_id=tok["cls_id"], sep_token_id=tok["sep_id"], mask_token_id=tok["mask_id"])
+    if run.args.init_encoder or run.args.init_report:
+        from mrm_scale.model import weights
+
+        if run.args.init_encoder:
+            weights.load_image_encoder(model, run.args.init_encoder)
+        if run.args.init_report:
+            weights.load_report_head(model, run.args.init_report)
+    if run.args.compile:
+        from mrm_scale.model import compile_blocks
+
+        compile_blocks(model)
+    wd = run.ds_config["optimizer"]["params"]["weight_decay"]
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, wd)]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    return engine, model
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(2)
