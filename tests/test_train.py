@@ -95,11 +95,19 @@ def test_zero2_two_ranks_tensorboard_and_checkpoint(shards, tmp_path):
 
 @pytest.mark.parametrize("config", ["zero1.json", "zero3.json", "zero3_offload.json"])
 def test_other_zero_stages_train_and_checkpoint(shards, tmp_path, config):
-    run(deepspeed_cmd(config, "--shards", shards, "--out-root", str(tmp_path), "--name", "r", "--max-steps", "3",
-                      "--vis-every", "3", "--backend", "dali"))
+    path = os.path.join(REPO, "ds_configs", config)
+    if config == "zero1.json":  # also: DeepSpeed's own TensorBoard monitor switched on beside ours
+        cfg = json.load(open(path))
+        cfg["tensorboard"]["enabled"] = True
+        path = str(tmp_path / "zero1_tb.json")
+        json.dump(cfg, open(path, "w"))
+    run([*launcher(2), PRETRAIN, "--deepspeed", path, *COMMON, "--shards", shards, "--out-root", str(tmp_path),
+         "--name", "r", "--max-steps", "3", "--vis-every", "3", "--backend", "dali"])
     acc = tb_tags(str(tmp_path / "r"))
     assert len(acc.Scalars("loss/total")) == 3 and "vis/reconstruction" in acc.Tags()["images"]
     assert (tmp_path / "r" / "checkpoints" / "step00000003" / "COMPLETE.json").is_file()
+    if config == "zero1.json":
+        assert glob.glob(str(tmp_path / "r" / "tb_deepspeed" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
 @pytest.mark.parametrize("backend", ["wds", "dali"])

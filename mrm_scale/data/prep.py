@@ -110,14 +110,6 @@ class PrepResult:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -215,7 +207,7 @@ def _shard_is_intact(out: str, plan: ShardPlan) -> dict | None:
     tar = os.path.join(out, plan.name)
     idx = os.path.join(out, sf.index_name(plan.name))
     try:
-        if sha256_file(tar) != state["sha256"]:
+        if sf.sha256_file(tar) != state["sha256"]:
             return None
         with open(idx) as f:
             if f.read() != "\n".join(sf.index_lines(tar)) + "\n":
@@ -389,7 +381,7 @@ def _write_shard(out: str, plan: ShardPlan, samples, rejected, stats) -> dict:
         sf.write_index(tmp, idx + ".partial")
         os.replace(tmp, tar)
         os.replace(idx + ".partial", idx)
-        state["sha256"] = sha256_file(tar)
+        state["sha256"] = sf.sha256_file(tar)
         state["bytes"] = os.path.getsize(tar)
     else:  # every candidate of this shard was rejected: no (empty) tar is written
         for p in (tar, idx):

@@ -16,6 +16,7 @@ Every shard ``NAME.tar`` has a DALI index ``NAME.idx`` in the format DALI's ``wd
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from typing import Iterable, Iterator
@@ -66,6 +67,15 @@ def decode_tokens(ids_bytes: bytes, flags_bytes: bytes) -> tuple[np.ndarray, np.
     if ids.shape != flags.shape:
         raise ValueError(f"ids has {ids.size} entries but flags has {flags.size}")
     return ids, (flags & FLAG_ATTENTION).astype(np.int64), (flags & FLAG_WORD_START) != 0
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file (shards, index files and tokenizers are identified by it in the manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

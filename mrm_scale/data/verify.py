@@ -10,7 +10,6 @@ Exit 0 when all is well, 1 with one line per problem otherwise.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -22,14 +21,6 @@ import numpy as np
 from PIL import Image
 
 from . import shardformat as sf
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sample(key: str, parts: dict[str, bytes], max_tokens: int, tok: dict) -> list[str]:
@@ -88,7 +79,7 @@ def check_shard(args: tuple[str, dict, int, dict]) -> tuple[list[str], list[str]
     problems, keys = [], []
     if os.path.getsize(tar) != entry["bytes"]:
         problems.append(f"{name}: {os.path.getsize(tar)} bytes, manifest says {entry['bytes']}")
-    if _sha256(tar) != entry["sha256"]:
+    if sf.sha256_file(tar) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from manifest.json (shard changed or damaged); re-run mrm-scale prep "
                         "with the same --out to rebuild it")
     try:
@@ -128,7 +119,7 @@ def verify_dir(folder: str, workers: int = 1) -> tuple[list[str], dict]:
     if not os.path.isfile(tpath):
         problems.append(f"{tpath}: tokenizer file missing")
     else:
-        if _sha256(tpath) != tok.get("sha256"):
+        if sf.sha256_file(tpath) != tok.get("sha256"):
             problems.append(f"{tpath}: sha256 differs from manifest.json's tokenizer entry")
         from tokenizers import Tokenizer
 
