@@ -41,7 +41,6 @@ Findings and how they are drawn (severity mild/moderate/severe; mild ones are de
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 

@@ -17,7 +17,6 @@ import os
 import sys
 import tarfile
 
-import numpy as np
 from PIL import Image
 
 from . import shardformat as sf
