@@ -29,6 +29,7 @@ def test_bench_loader_smoke(shards, tmp_path, capsys, backend):
     assert last["samples_per_s"] > 0 and len(last["runs_samples_per_s"]) == 2
     if backend == "wds":
         assert last["baseline_samples_per_s"] > 0 and last["ratio"] > 0
+        assert len(last["ratio_runs"]) == len(last["baseline_runs_samples_per_s"]) == 2  # interleaved rounds
         assert (tmp_path / "baseline" / "baseline.csv").read_text().count("\n") == 33  # header + 32 rows
 
 

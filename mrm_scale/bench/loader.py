@@ -4,9 +4,13 @@ The baseline is the original MRM way, written plainly here: a CSV (``image_path,
 images the shards were made from, per-file PIL decode, torchvision RandomResizedCrop(S, scale 0.2–1,
 bicubic) + flip + grayscale to 3 channels + normalise, per-sample tokenisation with the shards'
 ``tokenizer.json`` and a Python per-token loop for 50% whole-word masking, in a torch ``DataLoader`` with
-the same number of workers and batch size. ``--export-baseline DIR`` writes such a CSV (and the images)
-from the shards themselves. Warm-up batches are excluded; each side reports the median of ``--runs`` timed
-runs of ``--batches`` batches. The last line printed is one JSON object.
+the same number of workers and batch size (workers kept across epochs on both sides). ``--export-baseline
+DIR`` writes such a CSV (and the images) from the shards themselves. Both sides produce full batches of the
+same size from the same number of workers; the timed runs alternate (loader, baseline, loader, ...) so
+that both see the same load on a shared machine, each run starting its workers afresh and excluding
+``--warmup`` batches. Each side reports the median of ``--runs`` timed runs of ``--batches`` batches;
+``ratio`` is the ratio of the medians, ``ratio_runs`` the per-round ratios (``ratio_paired_median`` their
+median). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -117,6 +121,30 @@ class PaperDataset:
                 "labels": torch.tensor(targets), "attention_mask": torch.tensor(attention)}
 
 
+class PaperLoader:
+    """The baseline's ``DataLoader``, with ``close()`` to stop its workers between timed runs.
+
+    Its workers persist across epochs (``persistent_workers``), as the streaming loader's do, so that
+    neither side pays worker start-up inside an epoch chain; the baseline is, if anything, favoured.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        self.dataset, self.kwargs, self.loader = dataset, kwargs, None
+
+    def __iter__(self):
+        import torch
+
+        if self.loader is None:
+            self.loader = torch.utils.data.DataLoader(self.dataset, **self.kwargs)
+        return iter(self.loader)
+
+    def close(self) -> None:
+        loader, self.loader = self.loader, None
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 # --------------------------------------------------------------------------------------------- timing
 
 def _endless(loader):
@@ -130,25 +158,47 @@ def _endless(loader):
 
 
 def time_batches(loader, batch_size: int, warmup: int, batches: int, runs: int) -> list[float]:
-    """samples/s of ``runs`` timed runs over an endless iteration (epochs chained, warm-up excluded)."""
+    """samples/s of ``runs`` timed runs over one endless iteration (epochs chained, warm-up excluded)."""
     it = _endless(loader)
-    for _ in range(warmup):
-        next(it)
-    rates = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(batches):
+    try:
+        for _ in range(warmup):
             next(it)
-        rates.append(batches * batch_size / (time.perf_counter() - t0))
-    close = getattr(it, "close", None)
-    if close:
-        close()
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            rates.append(batches * batch_size / (time.perf_counter() - t0))
+    finally:
+        it.close()  # ends the iteration (a plain DataLoader's workers stop with it)
     return rates
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def time_interleaved(sides: dict, batch_size: int, warmup: int, batches: int, runs: int) -> dict[str, list[float]]:
+    """Rounds of one timed run per side (A, B, A, B, ...), so that both sides see the same machine load.
 
+    Each run iterates afresh (loaders continue where they stopped: mid-epoch resume) and drops its
+    ``warmup`` first batches from the timing; its iterator (and the loader's workers) are closed before the
+    other side runs, so no worker of one side computes while the other is timed.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(runs):
+        for name, loader in sides.items():
+            rates[name] += time_batches(loader, batch_size, warmup, batches, 1)
+            close = getattr(loader, "close", None)  # workers kept across epochs (wds) stop too
+            if close is not None:
+                close()
+    return rates
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
     from mrm_scale.data import shardformat as sf
     from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, read_manifest
 
@@ -161,13 +211,9 @@ def run(args: argparse.Namespace) -> int:
     except LoaderError as e:
         print(f"mrm-scale bench loader: error: {e}", file=sys.stderr)
         return 2
-    rates = time_batches(loader, args.batch_size, args.warmup, args.batches, args.runs)
     result = {"bench": "loader", "backend": args.backend, "workers": args.workers, "batch_size": args.batch_size,
-              "image_size": args.image_size, "batches": args.batches, "runs": args.runs, "device": args.device,
-              "samples_per_s": round(statistics.median(rates), 2), "runs_samples_per_s": [round(r, 2) for r in rates]}
-    print(f"{args.backend}: {result['samples_per_s']:.1f} samples/s (runs: {result['runs_samples_per_s']})")
-    del loader
-
+              "image_size": args.image_size, "batches": args.batches, "runs": args.runs, "device": args.device}
+    sides = {"loader": loader}
     csv_path = args.baseline
     if args.export_baseline:
         csv_path = export_baseline(args.shards, args.split, args.export_baseline)
@@ -179,13 +225,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"mrm-scale bench loader: error: {csv_path} lists {len(ds)} rows, fewer than one batch",
                   file=sys.stderr)
             return 2
-        dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                         drop_last=True)
-        base = time_batches(dl, args.batch_size, args.warmup, args.batches, args.runs)
+        sides["baseline"] = PaperLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                        drop_last=True, persistent_workers=args.workers > 0)
+    load0 = _loadavg()
+    rates = time_interleaved(sides, args.batch_size, args.warmup, args.batches, args.runs)
+    result["samples_per_s"] = round(statistics.median(rates["loader"]), 2)
+    result["runs_samples_per_s"] = [round(r, 2) for r in rates["loader"]]
+    print(f"{args.backend}: {result['samples_per_s']:.1f} samples/s (runs: {result['runs_samples_per_s']})")
+    if "baseline" in rates:
+        base = rates["baseline"]
         result["baseline_samples_per_s"] = round(statistics.median(base), 2)
         result["baseline_runs_samples_per_s"] = [round(r, 2) for r in base]
         result["ratio"] = round(result["samples_per_s"] / result["baseline_samples_per_s"], 3)
+        result["ratio_runs"] = [round(a / b, 3) for a, b in zip(rates["loader"], base)]  # per round
+        result["ratio_paired_median"] = round(statistics.median(result["ratio_runs"]), 3)
         print(f"baseline (paper's loader): {result['baseline_samples_per_s']:.1f} samples/s; "
-              f"ratio {result['ratio']:.2f}x")
+              f"ratio {result['ratio']:.2f}x (per round: {result['ratio_runs']})")
+    result["loadavg"] = [load0, _loadavg()]  # 1-minute load before / after: other work on the machine
     print(json.dumps(result))
     return 0

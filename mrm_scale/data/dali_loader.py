@@ -3,11 +3,14 @@
 One pipeline per rank and epoch. The reader gets all tars in the epoch's shard order with
 ``num_shards=world_size, shard_id=rank, stick_to_shard=True`` (the contiguous range of the plan in
 :mod:`mrm_scale.data.loader`) and shuffles within ``initial_fill`` samples, seeded from (seed, epoch, rank).
-Images: ``decoders.image_random_crop`` (RandomResizedCrop: area 0.2–1.0, aspect 3/4–4/3) to grayscale,
-cubic ``resize`` to S×S, ``crop_mirror_normalize`` with a coin-flip mirror, CHW float; gray is replicated
-to 3 channels with ``cat`` on the pipeline's device. Validation: decode, resize shorter side to S, centre
-crop. On CUDA the decoder runs ``mixed`` (nvJPEG / hardware decoder) and the image ops on the GPU; on CPU
-the pipeline uses ``device_id=None``. Token members are read as int32/uint8 arrays (``dtypes=``), keys come
+Images: ``decoders.image_random_crop`` (RandomResizedCrop: area 0.2–1.0, aspect 3/4–4/3; only the crop is
+decoded) to grayscale, cubic ``resize`` to S×S whose ROI runs right-to-left on a coin flip (the mirror,
+without a pass of its own); the pipeline's output is the uint8 gray batch. Validation: the centred square of
+the shorter side is decoded alone (``decoders.image_crop``) and resized to S×S. Normalising to float and the
+3-channel view (``expand``, no copy) happen once per batch in torch (:func:`~mrm_scale.data.loader.
+normalise_gray` reads DALI's CPU output buffer in place). On CUDA the decoder runs ``mixed`` (nvJPEG /
+hardware decoder), the image ops and the normalisation on the GPU; on CPU the pipeline uses
+``device_id=None``. Token members are read as int32/uint8 arrays (``dtypes=``), keys come
 from ``source_info``; no Python runs per sample except turning key bytes into strings.
 
 Resume: the pipeline runs with ``enable_checkpointing=True``; the state carries ``pipe.checkpoint()``
@@ -32,7 +35,7 @@ import torch
 from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import (
     TAG_DALI_PIPE, TAG_DALI_READER, TAG_RESAMPLE, LoaderError, ShardDataError, StreamingLoader,
-    key_from_source_info, labels_value, seed_for, shard_order, token_tensors,
+    key_from_source_info, labels_value, normalise_gray, seed_for, shard_order, token_tensors,
 )
 
 log = logging.getLogger("mrm_scale.data.loader")
@@ -104,19 +107,19 @@ class DaliLoader(StreamingLoader):
                 img = fn.decoders.image_random_crop(
                     jpg, device=dec, output_type=types.GRAY, random_area=list(cfg.crop_scale),
                     random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10)
-                img = fn.resize(img, size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True)
-                mirror = fn.random.coin_flip(probability=0.5)
-                crop = {}
-            else:
-                img = fn.decoders.image(jpg, device=dec, output_type=types.GRAY)
-                img = fn.resize(img, resize_shorter=S, interp_type=types.INTERP_CUBIC, antialias=True)
-                mirror = 0
-                crop = {"crop": [S, S], "crop_pos_x": 0.5, "crop_pos_y": 0.5}
-            img = fn.crop_mirror_normalize(img, mirror=mirror, mean=[sf.IMAGE_MEAN * 255.0],
-                                           std=[sf.IMAGE_STD * 255.0], output_layout="CHW",
-                                           dtype=types.FLOAT, **crop)
-            if cfg.channels == 3:
-                img = fn.cat(img, img, img, axis=0)
+                # the coin-flip mirror as a reversed x range of the resize ROI: no separate pass
+                m = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
+                zero = m * 0.0
+                roi = {"roi_start": fn.stack(zero, m), "roi_end": fn.stack(zero + 1.0, 1.0 - m),
+                       "roi_relative": True}
+            else:  # centre square (the shorter side), decoded alone, then resized: as the wds backend
+                shape = fn.peek_image_shape(jpg)
+                side = fn.cast(fn.reductions.min(fn.stack(shape[0], shape[1])), dtype=types.FLOAT)
+                img = fn.decoders.image_crop(jpg, device=dec, output_type=types.GRAY, crop_w=side, crop_h=side,
+                                             crop_pos_x=0.5, crop_pos_y=0.5)
+                roi = {}
+            # uint8 (S, S, 1) out: normalising (and the 3-channel view) happens once per batch in torch
+            img = fn.resize(img, size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True, **roi)
             pipe.set_outputs(img, ids, flags, info, *outs[3:])
         return pipe
 
@@ -139,10 +142,15 @@ class DaliLoader(StreamingLoader):
 
         cfg = self.cfg
         B, S = cfg.batch_size, cfg.image_size
-        dev = torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
-        image = torch.empty((B, cfg.channels, S, S), dtype=torch.float32, device=dev)
-        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-        feed_ndarray(outs[0].as_tensor(), image, cuda_stream=stream)
+        if self.device_id is None:  # read DALI's output buffer in place (valid until the next run)
+            gray = np.asarray(outs[0].as_tensor()).reshape(B, 1, S, S)
+            image = normalise_gray(gray, cfg.channels, pin=cfg.pin_memory)
+        else:
+            dev = torch.device("cuda", self.device_id)
+            gray = torch.empty((B, S, S, 1), dtype=torch.uint8, device=dev)
+            feed_ndarray(outs[0].as_tensor(), gray, cuda_stream=torch.cuda.current_stream(dev))
+            image = gray.view(B, 1, S, S).float().mul_(1.0 / (255.0 * sf.IMAGE_STD))
+            image = image.sub_(sf.IMAGE_MEAN / sf.IMAGE_STD).expand(-1, cfg.channels, -1, -1)
         ids = torch.empty((B, cfg.max_tokens), dtype=torch.int32)
         flags = torch.empty((B, cfg.max_tokens), dtype=torch.uint8)
         feed_ndarray(outs[1].as_tensor(), ids)

@@ -3,7 +3,8 @@
 ``build_loader(cfg, rank, world_size, state=None)`` returns an iterable; each ``iter()`` runs (the rest of)
 one epoch and yields batch dicts:
 
-- ``image``          float32 (B, C, S, S), normalised with ``IMAGE_MEAN``/``IMAGE_STD`` (C=3: gray replicated)
+- ``image``          float32 (B, C, S, S), normalised with ``IMAGE_MEAN``/``IMAGE_STD`` (C=3: gray replicated
+                     as an ``expand`` view, stride 0 over C: no copy; ``.contiguous()`` where dense memory is needed)
 - ``input_ids``      int64 (B, L)         ``attention_mask`` int64 (B, L)        ``word_start`` bool (B, L)
 - ``key``            list[str]            ``labels`` (only when ``cfg.labels`` is set)
 
@@ -30,6 +31,10 @@ Resume
     (``pipe.checkpoint()``); ``wds`` stores per worker how many raw samples it consumed and skips them
     again without decoding images. A state from another world size, batch size or worker count is accepted
     only at an epoch boundary (the plan is recomputed); mid-epoch it is refused naming both values.
+
+Workers
+    ``loader.close()`` stops worker processes / pipelines kept between iterations (``wds`` keeps its workers
+    across epochs, running ahead into the next one); the position is kept, so iterating again continues.
 
 Checks before work (``LoaderError``)
     missing manifest or split (run ``mrm-scale prep``), ``max_tokens`` or tokenizer (sha256 / vocabulary
@@ -352,6 +357,27 @@ def token_tensors(ids: torch.Tensor, flags: torch.Tensor) -> dict[str, torch.Ten
     }
 
 
+_NORM_SCALE = np.float32(1.0 / (255.0 * sf.IMAGE_STD))
+_NORM_SHIFT = np.float32(sf.IMAGE_MEAN / sf.IMAGE_STD)
+
+
+def normalise_gray(gray: torch.Tensor | np.ndarray, channels: int, pin: bool = False) -> torch.Tensor:
+    """uint8 (B, 1, S, S) gray -> float32 normalised (``IMAGE_MEAN``/``IMAGE_STD``), (B, channels, S, S).
+
+    Two vectorised numpy passes per batch (single-threaded: no intra-op thread start-up); C=3 is the gray
+    plane ``expand``-ed (a stride-0 view, no copy) - call ``.contiguous()`` where a dense tensor is needed.
+    ``pin``: write into page-locked memory (when CUDA is available) for asynchronous host-to-device copies.
+    """
+    src = gray.numpy() if isinstance(gray, torch.Tensor) else np.asarray(gray)
+    pin = pin and torch.cuda.is_available()
+    image = torch.empty(src.shape, dtype=torch.float32, pin_memory=pin) if pin else None
+    out = image.numpy() if pin else np.empty(src.shape, dtype=np.float32)
+    np.multiply(src, _NORM_SCALE, out=out, dtype=np.float32)
+    out -= _NORM_SHIFT
+    image = image if pin else torch.from_numpy(out)
+    return image.expand(-1, channels, -1, -1) if channels != image.shape[1] else image
+
+
 def labels_value(metas: list[dict], names: bool | list[str]) -> Any:
     """``labels`` of a batch: the raw dicts, or a float (B, K) tensor over ``names`` (NaN = not known)."""
     dicts = [m.get("labels") or {} for m in metas]
@@ -436,6 +462,9 @@ class StreamingLoader:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0
+
+    def close(self) -> None:
+        """Release worker processes / threads kept between iterations (the position is kept)."""
 
     def __iter__(self) -> Iterator[dict]:
         raise NotImplementedError

@@ -2,16 +2,24 @@
 
 Each rank's sample range of the epoch plan (:mod:`mrm_scale.data.loader`) is split into W contiguous worker
 ranges, from our own rank/world size (``torch.distributed`` need not be initialised). A worker reads the
-tars overlapping its range with webdataset's tar iterators (local paths, brace patterns, ``pipe:`` and
-other webdataset URLs), shuffles within a seeded buffer, decodes and augments (PIL: RandomResizedCrop
-with torchvision's parameter rule, bicubic, horizontal flip, normalise; the random numbers come from
-(seed, epoch, key), so a sample's augmentation does not depend on rank or worker) and collates full
-batches itself. The ``DataLoader`` returns worker batches in order, round robin; every worker delivers the
-same number of batches, so batch i of the epoch is batch i // W of worker i % W — deterministic.
+tars overlapping its range - local tars with their index by offset (only the members it needs, samples
+before a resume point not at all), anything else (brace patterns, ``pipe:`` and other webdataset URLs)
+with webdataset's tar iterators - shuffles within a seeded buffer, decodes and augments (PIL decode,
+RandomResizedCrop with torchvision's parameter rule, crop then antialiased bicubic resize on uint8, flip;
+the random numbers come from (seed, epoch, key), so a sample's augmentation does not depend on rank or
+worker) and collates full batches itself. The ``DataLoader`` returns worker batches in order, round robin;
+every worker delivers the same number of batches per epoch, so batch i of the epoch is batch i // W of
+worker i % W — deterministic.
+
+Fast path: workers send gray uint8 crops (a quarter of the float bytes, a twelfth of 3-channel floats) and
+raw token members through a ring of reused shared-memory buffers; the main process normalises once per
+batch (one vectorised pass) and widens the tokens, and 3 channels are an ``expand`` view of the gray one.
+Workers are not restarted per epoch: they run on into the next epoch while the main process finishes the
+current one (``close()`` stops them; an interrupted iteration simply continues with the next batch).
 
 Resume: every batch reports how many raw samples its worker has consumed; the state keeps those positions
-and a restored worker skips that many raw samples (read, not decoded). Worker slots are rotated so that
-the first batch after the restore comes from the worker whose turn it is.
+and a restored worker skips that many raw samples (not decoded; not even read from an indexed tar). Worker
+slots are rotated so that the first batch after the restore comes from the worker whose turn it is.
 
 Bad data: a sample that does not decode (or has malformed token members) is skipped, logged with shard
 and key, and counted; the unreadable rest of a truncated tar is counted from the manifest's sample
@@ -25,21 +33,26 @@ import itertools
 import json
 import logging
 import math
+import os
+import time
 from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import (
-    TAG_AUGMENT, TAG_RESAMPLE, TAG_WDS_SHUFFLE, LoaderError, ShardDataError, StreamingLoader, key_hash, labels_value,
-    reader_quota, seed_for, segments, shard_order, split_range, token_tensors,
+    TAG_AUGMENT, TAG_RESAMPLE, TAG_WDS_SHUFFLE, LoaderError, ShardDataError, StreamingLoader, _is_local, key_hash,
+    labels_value, normalise_gray, reader_quota, seed_for, segments, shard_order, split_range, token_tensors,
 )
 
 log = logging.getLogger("mrm_scale.data.loader")
 
 MAX_EVENTS = 1000  # bad-sample records kept on the loader
+RING = True  # workers reuse shared-memory batch buffers (see _Stream._buffers)
+RING_WAIT_S = 5.0  # longest wait for a ring slot before a one-off buffer is used
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -66,29 +79,46 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+DRAFT_GAP = 2.0  # decode a JPEG at 1/2, 1/4, 1/8 scale only while the crop stays >= this × the output size
+
+
 def decode_image(data: bytes, key: str, size: int, augment: bool, seed: int, epoch: int,
                  scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
-    """JPEG bytes -> normalised float32 (size, size) array (train: random crop + flip; else centre crop)."""
+    """JPEG bytes -> uint8 (size, size) gray crop (train: random crop + flip; else centre crop).
+
+    Crop, then bicubic resize with antialiasing on the uint8 crop (torch's PIL-compatible kernel: the
+    crop-then-resize of torchvision's RandomResizedCrop, faster than PIL's resize). A JPEG much larger than
+    the crop is decoded at a reduced DCT scale (PIL ``draft``) while the crop keeps at least ``DRAFT_GAP``
+    times the output size, as PIL's own ``reducing_gap`` does. Normalising to float happens once per
+    batch in the main process (:func:`mrm_scale.data.loader.normalise_gray`).
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        gray = im if im.mode == "L" else im.convert("L")
-        width, height = gray.size
+        width, height = im.size
         if augment:
             rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
             x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
-            out = gray.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
-            if rng.random() < 0.5:
-                out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            flip = rng.random() < 0.5
         else:  # resize the shorter side to `size`, centre crop
-            short = min(width, height)
-            x, y = (width - short) / 2, (height - short) / 2
-            out = gray.resize((size, size), Image.BICUBIC, box=(x, y, x + short, y + short))
-    arr = np.asarray(out, dtype=np.float32)
-    arr *= 1.0 / (255.0 * sf.IMAGE_STD)
-    arr -= sf.IMAGE_MEAN / sf.IMAGE_STD
-    return arr
+            w = h = min(width, height)
+            x, y, flip = (width - w) // 2, (height - h) // 2, False
+        red = 1
+        while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
+            red *= 2
+        if red > 1 and im.format == "JPEG":
+            im.draft("L", ((width + red - 1) // red, (height + red - 1) // red))
+            red = width / im.size[0]  # the scale the decoder chose
+            x, y, w, h = (int(x / red), int(y / red), max(1, int(round(w / red))), max(1, int(round(h / red))))
+            x, y = min(x, im.size[0] - w), min(y, im.size[1] - h)
+        im.load()
+        gray = im if im.mode == "L" else im.convert("L")
+        # crop in PIL first: converting a freshly decoded image to numpy is slow, a cropped copy is not
+        out = np.array(gray.crop((x, y, x + w, y + h)))
+    if (h, w) != (size, size):
+        out = F.interpolate(torch.from_numpy(out)[None, None], size=(size, size), mode="bicubic",
+                            antialias=True, align_corners=False)[0, 0].numpy()
+    return out[:, ::-1] if flip else out
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -145,6 +175,67 @@ def read_segment(url: str, start: int, stop: int, counters: _Counters, first_pas
         counters.record(url, f"<{missing} samples {after}>", f"tar unreadable: {why}")
 
 
+_INDEX_CACHE: dict[tuple, list[tuple[str, list[tuple[str, int, int]]]]] = {}
+
+
+def _index_entries(idx_path: str) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """(key, [(ext, offset, size), ...]) per sample of a DALI index (``wds2idx`` v1.2), cached per process."""
+    st = os.stat(idx_path)
+    tag = (idx_path, st.st_mtime_ns, st.st_size)  # a rewritten index is read again
+    entries = _INDEX_CACHE.get(tag)
+    if entries is None:
+        with open(idx_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()[1:]
+        entries = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)]
+            entries.append((fields[3].partition(".")[0], members))
+        if len(_INDEX_CACHE) >= 4096:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[tag] = entries
+    return entries
+
+
+def read_indexed(url: str, idx: str, start: int, stop: int, counters: _Counters, first_pass: bool = True,
+                 exts: frozenset[str] | None = None) -> Iterator[dict]:
+    """:func:`read_segment` for a local tar with its index: samples before ``start`` are not read at all, and
+    of the others only the members in ``exts`` (one read per sample, no tar header parsing). A sample with
+    a member beyond the end of the file ends the tar there (truncated), as in :func:`read_segment`."""
+    seen, last_key, error = start, None, None
+    try:
+        entries = _index_entries(idx)
+        with open(url, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for i in range(start, min(stop, len(entries))):
+                key, members = entries[i]
+                if max(o + n for _, o, n in members) > size:
+                    error = "tar ended early"
+                    break
+                want = [m for m in members if exts is None or m[0] in exts]
+                sample: dict = {"__key__": key, "__url__": url}
+                if want:
+                    lo, hi = min(o for _, o, _ in want), max(o + n for _, o, n in want)
+                    f.seek(lo)
+                    buf = f.read(hi - lo)
+                    if len(buf) < hi - lo:
+                        error = "tar ended early"
+                        break
+                    for ext, o, n in want:
+                        sample[ext] = buf[o - lo:o - lo + n]
+                seen, last_key = i + 1, key
+                yield sample
+    except Exception as e:  # unreadable index or tar
+        error = e
+    missing = stop - seen
+    if missing > 0 and first_pass:
+        after = f"after sample {last_key!r}" if last_key else "at its start" if not start else f"from sample {start}"
+        counters.missing += missing
+        counters.record(url, f"<{missing} samples {after}>", f"tar unreadable: {error or 'index lists fewer samples'}")
+
+
 def shuffle_buffer(src: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """Seeded buffer shuffle: fill ``size`` samples, then emit a random one for each one read; drain at the end."""
     buf: list = []
@@ -170,41 +261,72 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype).share_memory_()
 
 
-class _EpochStream(IterableDataset):
-    """One rank's epoch; each DataLoader worker slot plays one plan worker (rotated on resume)."""
+def worker_plan(cfg, counts: list[int], epoch: int, rank: int,
+                world_size: int) -> list[list[tuple[int, int, int]]] | None:
+    """Per plan worker, the (shard, start, stop) segments of one rank's epoch (None: resample mode)."""
+    if cfg.epoch_mode == "resample":
+        return None
+    order = shard_order(len(counts), cfg.seed, epoch, cfg.do_shuffle)
+    a, b = split_range(sum(counts), rank, world_size)
+    W = cfg.readers_per_rank
+    return [segments(order, counts, a + lo, a + hi) for lo, hi in (split_range(b - a, w, W) for w in range(W))]
 
-    def __init__(self, cfg, urls: list[str], counts: list[int], plan: list[list[tuple[int, int, int]]] | None,
-                 epoch: int, rank: int, steps: int, start_batch: int, pos: list[int], bad: list[int]):
-        self.cfg, self.urls, self.counts, self.plan = cfg, urls, counts, plan
-        self.epoch, self.rank, self.steps, self.start_batch = epoch, rank, steps, start_batch
+
+class _Stream(IterableDataset):
+    """One rank's batches from (epoch, start_batch) on, epoch after epoch, endlessly.
+
+    Each DataLoader worker slot plays one plan worker per epoch: batch i of an epoch belongs to plan worker
+    i % W, and the DataLoader takes batches from slots round robin, so slot s serves plan worker (s - g) % W
+    in an epoch whose first batch is number g of the stream (g < 0 for a resumed epoch). Workers thus run
+    into the next epoch without waiting for the main process (no restart bubble); the main process takes
+    exactly one epoch per ``iter(loader)``.
+    """
+
+    def __init__(self, cfg, urls: list[str], counts: list[int], indexes: list[str | None], epoch: int, rank: int,
+                 world_size: int, steps: int, start_batch: int, pos: list[int], bad: list[int],
+                 busy: torch.Tensor | None = None):
+        self.cfg, self.urls, self.counts, self.indexes = cfg, urls, counts, indexes
+        self.exts = frozenset(["jpg", "ids", "flags"] + (["json"] if cfg.labels else []))
+        self.busy = busy  # shared (worker slots, RING) int32 flags of the batch buffer ring, or None
+        self._ring: list | None = None
+        self._next = 0
+        self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        self.steps, self.start_batch = steps, start_batch
         self.pos, self.bad = pos, bad
         self.readers = cfg.readers_per_rank
 
+    def _read(self, i: int, start: int, stop: int, counters: _Counters, first_pass: bool = True) -> Iterator[dict]:
+        """Samples ``[start, stop)`` of shard ``i``: by its index when local (fast), else through webdataset."""
+        url, idx = self.urls[i], self.indexes[i]
+        if idx is not None and _is_local(url):
+            return read_indexed(url, idx, start, stop, counters, first_pass, self.exts)
+        return read_segment(url, start, stop, counters, first_pass)
+
     # raw samples of plan worker w, endless (passes over its range, or resampled shards)
-    def _raw(self, w: int, counters: _Counters) -> Iterator[dict]:
+    def _raw(self, epoch: int, plan, w: int, counters: _Counters) -> Iterator[dict]:
         cfg = self.cfg
         buf = cfg.shuffle_buffer if cfg.do_shuffle else 0
-        if self.plan is None:  # resample: whole shards drawn with replacement
-            pick = np.random.default_rng(seed_for(cfg.seed, TAG_RESAMPLE, self.epoch, self.rank, w))
+        if plan is None:  # resample: whole shards drawn with replacement
+            pick = np.random.default_rng(seed_for(cfg.seed, TAG_RESAMPLE, epoch, self.rank, w))
 
             def drawn():
                 while True:
                     i = int(pick.integers(len(self.urls)))
-                    yield from read_segment(self.urls[i], 0, self.counts[i], counters)
+                    yield from self._read(i, 0, self.counts[i], counters)
 
-            rng = np.random.default_rng(seed_for(cfg.seed, TAG_WDS_SHUFFLE, self.epoch, self.rank, w))
+            rng = np.random.default_rng(seed_for(cfg.seed, TAG_WDS_SHUFFLE, epoch, self.rank, w))
             yield from shuffle_buffer(drawn(), buf, rng) if buf else drawn()
             return
-        segs = self.plan[w]
+        segs = plan[w]
         for rnd in itertools.count():
             if rnd == 1:
                 log.warning("wds: rank %d worker %d ran short of samples after skipping bad ones; re-reading "
                             "its range to fill its quota", self.rank, w)
-            src = itertools.chain.from_iterable(read_segment(self.urls[i], a, b, counters, rnd == 0)
+            src = itertools.chain.from_iterable(self._read(i, a, b, counters, rnd == 0)
                                                 for i, a, b in segs)
             if buf:
                 src = shuffle_buffer(src, buf, np.random.default_rng(
-                    seed_for(cfg.seed, TAG_WDS_SHUFFLE, self.epoch, self.rank, w, rnd)))
+                    seed_for(cfg.seed, TAG_WDS_SHUFFLE, epoch, self.rank, w, rnd)))
             n = 0
             for sample in src:
                 n += 1
@@ -215,25 +337,20 @@ class _EpochStream(IterableDataset):
                 raise ShardDataError(f"wds: rank {self.rank} worker {w} read no sample from {names}; "
                                      "run `mrm-scale verify` on the shard folder")
 
-    def _batches(self, w: int) -> Iterator[dict]:
+    def _batches(self, epoch: int, w: int, todo: int, pos: int, bad: int) -> Iterator[dict]:
+        """``todo`` batches of plan worker ``w`` in ``epoch``, after its first ``pos`` raw samples."""
         cfg = self.cfg
-        B, S, L, C = cfg.batch_size, cfg.image_size, cfg.max_tokens, cfg.channels
-        delivered = reader_quota(self.start_batch, self.readers, w)
-        todo = reader_quota(self.steps, self.readers, w) - delivered
+        B, S, L = cfg.batch_size, cfg.image_size, cfg.max_tokens
         if todo <= 0:
             return
-        counters = _Counters(self.bad[w])
-        stream = self._raw(w, counters)
-        pos = self.pos[w]
+        plan = worker_plan(cfg, self.counts, epoch, self.rank, self.world_size)
+        counters = _Counters(bad)
+        stream = self._raw(epoch, plan, w, counters)
         for _ in range(pos):  # resume: skip what this worker already delivered, without decoding
             next(stream)
-        in_worker = get_worker_info() is not None
-        limit = (sum(b - a for _, a, b in self.plan[w]) if self.plan else 0) + cfg.shuffle_buffer + B
+        limit = (sum(b - a for _, a, b in plan[w]) if plan else 0) + cfg.shuffle_buffer + B
         for _ in range(todo):
-            new = _shared_empty if in_worker else torch.empty  # in a worker: collate straight into shared memory
-            image = new((B, C, S, S), dtype=torch.float32)
-            ids = new((B, L), dtype=torch.int32)
-            flags = new((B, L), dtype=torch.uint8)
+            ring, (image, ids, flags) = self._buffers()
             img_np, ids_np, flags_np = image.numpy(), ids.numpy(), flags.numpy()
             keys, metas, n, bad_run = [], [], 0, 0
             while n < B:
@@ -245,7 +362,7 @@ class _EpochStream(IterableDataset):
                     if len(ib) != 4 * L or len(fb) != L:
                         raise ValueError(f"token members hold {len(ib)} / {len(fb)} bytes, expected {4 * L} / {L}")
                     meta = json.loads(sample["json"]) if cfg.labels else None
-                    img_np[n, 0] = decode_image(sample["jpg"], key, S, cfg.do_augment, cfg.seed, self.epoch,
+                    img_np[n, 0] = decode_image(sample["jpg"], key, S, cfg.do_augment, cfg.seed, epoch,
                                                 tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
                 except Exception as e:
                     if not sample.get("__pass__"):  # count (and report) a bad sample once, on the first pass
@@ -263,21 +380,61 @@ class _EpochStream(IterableDataset):
                 keys.append(key)
                 metas.append(meta)
                 n += 1
-            if C == 3:
-                img_np[:, 1:] = img_np[:, :1]
-            batch = {"image": image, **token_tensors(ids, flags), "key": keys}
+            # raw gray bytes and token members: the main process normalises / widens them once per batch
+            batch = {"image": image, "ids": ids, "flags": flags, "key": keys}
             if cfg.labels:
                 batch["labels"] = labels_value(metas, cfg.labels)
-            batch["__meta__"] = {"worker": w, "pos": pos, "bad": counters.bad, "missing": counters.missing,
-                                 "events": counters.events}
+            batch["__meta__"] = {"epoch": epoch, "worker": w, "pos": pos, "bad": counters.bad,
+                                 "missing": counters.missing, "events": counters.events, "ring": ring}
             counters.events = []
             yield batch
+        stream.close()
+
+    def _buffers(self) -> tuple[tuple[int, int] | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batch buffers (image uint8 (B, 1, S, S), ids int32 (B, L), flags uint8 (B, L)) to collate into.
+
+        In a worker process they live in shared memory and are reused round robin (``RING`` per worker):
+        the main process copies a batch out as soon as it arrives and marks its slot free in ``busy``, so
+        the pages are faulted in once instead of for every batch. Should a slot stay busy (it cannot while
+        the protocol holds), a one-off buffer is used. Returns ((worker slot, ring slot) or None, buffers).
+        """
+        cfg = self.cfg
+        shapes = (((cfg.batch_size, 1, cfg.image_size, cfg.image_size), torch.uint8),
+                  ((cfg.batch_size, cfg.max_tokens), torch.int32), ((cfg.batch_size, cfg.max_tokens), torch.uint8))
+        info = get_worker_info()
+        if info is None:  # in-process (workers=0): plain memory
+            return None, tuple(torch.empty(shape, dtype=dt) for shape, dt in shapes)
+        if self.busy is None or not RING:
+            return None, tuple(_shared_empty(shape, dtype=dt) for shape, dt in shapes)
+        if self._ring is None:
+            self._ring, self._next = [None] * self.busy.shape[1], 0
+        k = self._next
+        flag = self.busy[info.id, k]
+        deadline = None
+        while int(flag) != 0:  # freed by the main process right after it copied the batch out
+            now = time.monotonic()
+            deadline = deadline or now + RING_WAIT_S
+            if now > deadline:
+                return None, tuple(_shared_empty(shape, dtype=dt) for shape, dt in shapes)
+            time.sleep(0.0005)
+        if self._ring[k] is None:
+            self._ring[k] = tuple(_shared_empty(shape, dtype=dt) for shape, dt in shapes)
+        flag.fill_(1)
+        self._next = (k + 1) % len(self._ring)
+        return (info.id, k), self._ring[k]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         slot = info.id if info is not None else 0
-        w = (slot + self.start_batch) % self.readers
-        return self._batches(w)
+        W, steps = self.readers, self.steps
+        epoch, g, lo = self.epoch, -self.start_batch, self.start_batch
+        pos, bad = self.pos, self.bad
+        while True:
+            w = (slot - g) % W
+            todo = reader_quota(steps, W, w) - reader_quota(lo, W, w)
+            yield from self._batches(epoch, w, todo, pos[w], bad[w])
+            epoch, g, lo = epoch + 1, g + steps, 0
+            pos, bad = [0] * W, [0] * W
 
 
 class WdsLoader(StreamingLoader):
@@ -289,6 +446,10 @@ class WdsLoader(StreamingLoader):
         self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
         self._skipped_before = 0
         self.bad_samples: list[tuple[str, str, str]] = []  # (shard, key, reason), most recent last
+        self._stream = None  # the DataLoader iterator, kept across epochs (workers run ahead)
+        self._busy: torch.Tensor | None = None  # its workers' batch buffer ring flags (shared memory)
+        self._ring_refs: dict[tuple[int, int], tuple] = {}  # the ring buffers as mapped here
+        self._stream_at: tuple[int, int] | None = None  # (epoch, batch) it delivers next
 
     @property
     def skipped(self) -> int:
@@ -298,18 +459,11 @@ class WdsLoader(StreamingLoader):
     def skipped(self, value: int) -> None:  # set by the base class on init / restore
         self._skipped_before = value - sum(getattr(self, "_bad", [])) - sum(getattr(self, "_missing", []))
 
-    def _plan(self, epoch: int) -> list[list[tuple[int, int, int]]] | None:
-        if self.cfg.epoch_mode == "resample":
-            return None
-        counts = self.shardset.counts
-        order = shard_order(len(counts), self.cfg.seed, epoch, self.cfg.do_shuffle)
-        a, b = split_range(sum(counts), self.rank, self.world_size)
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
         W = self.cfg.readers_per_rank
-        plan = []
-        for w in range(W):
-            lo, hi = split_range(b - a, w, W)
-            plan.append(segments(order, counts, a + lo, a + hi))
-        return plan
+        self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
+        super().load_state_dict(state)
 
     def _backend_state(self) -> dict:
         return {"wds": {"pos": list(self._pos), "bad": list(self._bad), "missing": list(self._missing)}}
@@ -326,6 +480,7 @@ class WdsLoader(StreamingLoader):
         self._pos, self._bad, self._missing = [int(x) for x in st["pos"]], [int(x) for x in st["bad"]], \
             [int(x) for x in st["missing"]]
         self.skipped = total
+        self.close()
 
     def _next_epoch(self) -> None:
         self._skipped_before = self.skipped
@@ -333,19 +488,68 @@ class WdsLoader(StreamingLoader):
         self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
         super()._next_epoch()
 
+    def close(self) -> None:
+        """Stop the worker processes now (the next ``iter()`` starts them again from the current position)."""
+        it, self._stream, self._stream_at = self._stream, None, None
+        self._ring_refs = {}
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _open_stream(self):
+        cfg = self.cfg
+        shards = self.shardset.shards
+        # batch buffer ring: a worker has at most `prefetch` batches queued plus one being copied out here
+        self._busy = None
+        if cfg.workers > 0:
+            self._busy = torch.zeros((cfg.workers, max(1, cfg.prefetch) + 2), dtype=torch.int32).share_memory_()
+        ds = _Stream(cfg, [s.url for s in shards], self.shardset.counts, [s.index for s in shards], self.epoch,
+                     self.rank, self.world_size, self.steps, self.batch, list(self._pos), list(self._bad), self._busy)
+        kw = {}
+        if cfg.workers > 0:
+            kw = {"prefetch_factor": max(1, cfg.prefetch), "multiprocessing_context": cfg.mp_context}
+        # pin_memory is applied after normalising (the float image is made in this process)
+        self._stream = iter(DataLoader(ds, batch_size=None, num_workers=cfg.workers, persistent_workers=False, **kw))
+        self._stream_at = (self.epoch, self.batch)
+
     def __iter__(self) -> Iterator[dict]:
         if self.batch >= self.steps:
             self._next_epoch()
         cfg = self.cfg
-        ds = _EpochStream(cfg, [s.url for s in self.shardset.shards], self.shardset.counts, self._plan(self.epoch),
-                          self.epoch, self.rank, self.steps, self.batch, list(self._pos), list(self._bad))
-        kw = {}
-        if cfg.workers > 0:
-            kw = {"prefetch_factor": max(1, cfg.prefetch), "multiprocessing_context": cfg.mp_context}
-        dl = DataLoader(ds, batch_size=None, num_workers=cfg.workers, pin_memory=cfg.pin_memory,
-                        persistent_workers=False, **kw)
-        for batch in dl:
+        if self._stream is None or self._stream_at != (self.epoch, self.batch):
+            self.close()
+            self._open_stream()
+        while self.batch < self.steps:
+            try:
+                batch = next(self._stream)
+            except StopIteration:
+                self.close()
+                raise ShardDataError(f"wds: rank {self.rank} epoch {self.epoch} ended after {self.batch} of "
+                                     f"{self.steps} batches") from None
+            except BaseException:
+                self.close()
+                raise
             meta = batch.pop("__meta__")
+            if meta["epoch"] != self.epoch:  # cannot happen unless the round robin broke
+                self.close()
+                raise ShardDataError(f"wds: rank {self.rank} got a batch of epoch {meta['epoch']} while reading "
+                                     f"epoch {self.epoch}, batch {self.batch}")
+            raw = (batch["image"], batch["ids"], batch["flags"])
+            batch["image"] = normalise_gray(batch["image"], cfg.channels, pin=cfg.pin_memory)
+            tokens = token_tensors(batch.pop("ids"), batch.pop("flags"))
+            if meta["ring"] is not None:  # copied out: the worker may refill these buffers
+                slot, k = int(meta["ring"][0]), int(meta["ring"][1])
+                self._ring_refs[slot, k] = raw  # keeps the mapping: the next batch in it arrives without a remap
+                self._busy[slot, k] = 0
+            batch = {"image": batch.pop("image"), **tokens, **batch}
+            if cfg.pin_memory and torch.cuda.is_available():
+                batch.update({k: v.pin_memory() for k, v in batch.items() if k != "image" and torch.is_tensor(v)})
             w = meta["worker"]
             self._pos[w], self._bad[w], self._missing[w] = meta["pos"], meta["bad"], meta["missing"]
             for shard, key, why in meta["events"]:  # logged here: worker processes may not share our handlers
@@ -354,8 +558,8 @@ class WdsLoader(StreamingLoader):
                 self.bad_samples.append((shard, key, why))
             del self.bad_samples[:-MAX_EVENTS]
             self.batch += 1
+            self._stream_at = (self.epoch, self.batch)
             yield batch
-        if self.batch != self.steps:
-            raise ShardDataError(f"wds: rank {self.rank} epoch {self.epoch} ended after {self.batch} of "
-                                 f"{self.steps} batches")
         self._next_epoch()
+        if self._stream is not None:
+            self._stream_at = (self.epoch, 0)  # the workers are already on the next epoch
