@@ -12,8 +12,8 @@ import importlib
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "loader": ("mrm_scale.bench.loader", "input pipeline throughput (dali | wds) against the paper's loader"),
-    # "step": ("mrm_scale.bench.step", "training step time per preset"),          # added with the trainer
-    # "scaling": ("mrm_scale.bench.scaling", "throughput over ranks / ZeRO stages"),  # added with the trainer
+    "step": ("mrm_scale.bench.step", "one training step (forward, backward, optimizer): samples/s and MFU"),
+    "scaling": ("mrm_scale.bench.scaling", "DeepSpeed ZeRO-2 on 1 and 2 ranks: scaling efficiency, data wait"),
 }
 
 

@@ -17,6 +17,7 @@ Position embeddings: fixed 2-D sin-cos (as MAE and the MRM paper) by default, he
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .masking import apply_token_mask, make_generator, random_patch_mask, whole_word_mask
@@ -37,12 +39,33 @@ NORM_PIX_EPS = 1e-6
 # ----------------------------------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------------------------------
+# Attention kernel on CPU. torch's fused CPU flash-attention kernel has a slow bf16/fp16 *backward* on short
+# sequences (2-3x the unfused kernel on the encoder's 50 visible tokens and the report's 100); the unfused "math"
+# kernel computes half-precision inputs in fp32 on CPU (softmax included). Stacks whose sequences are at most this
+# long use it on CPU; longer ones (the pixel decoder's 197 tokens) and every CUDA tensor keep torch's choice
+# (flash). 0 switches the rule off. Measured with `mrm-scale bench step` (README, Performance).
+CPU_MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def attention_kernels(x: torch.Tensor):
+    """SDPA kernel context for a transformer stack run on ``x`` (B, T, D) - see ``CPU_MATH_ATTENTION_MAX_TOKENS``."""
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[1] <= CPU_MATH_ATTENTION_MAX_TOKENS):
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def _block_call(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with attention_kernels(x):  # inside the checkpointed call: a recompute picks the same kernel
+        return blk(x)
+
+
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
     for blk in blocks:
         if use_checkpoint:
-            x = checkpoint(blk, x, use_reentrant=False)
+            x = checkpoint(_block_call, blk, x, use_reentrant=False)
         else:
-            x = blk(x)
+            x = _block_call(blk, x)
     return x
 
 
@@ -199,7 +222,12 @@ class ReportHead(nn.Module):
         # embeddings + layer stack called directly with a mask built here: BertModel.forward would inspect the
         # mask's values (a host sync each step, and impossible on the meta device)
         x = bert.embeddings(inputs_embeds=embeds)
-        hidden = bert.encoder(x, attention_mask=self._attention_mask(attention_mask, x.dtype)).last_hidden_state
+        # transformers re-runs a checkpointed layer outside this context: the kernel rule only without checkpointing
+        ckpt = getattr(self.mlm, "is_activation_checkpointing", None)
+        ckpt = self.mlm.is_gradient_checkpointing if ckpt is None else ckpt  # transformers < 5
+        kernels = contextlib.nullcontext() if ckpt else attention_kernels(x)
+        with kernels:
+            hidden = bert.encoder(x, attention_mask=self._attention_mask(attention_mask, x.dtype)).last_hidden_state
         if mode == "masked":
             rows = self._masked_rows(token_mask)
             logits = self.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()

@@ -1,0 +1,299 @@
+"""``mrm-scale bench step``: time of one full MRM training step (forward, backward, optimizer step) and its MFU.
+
+One process, no DeepSpeed, random data of the batch contract's shapes (``flops.synthetic_batch``). The step is the
+one the DeepSpeed engine runs:
+
+- ``--precision bf16``: the module is cast to bf16 (weights, buffers, activations: what the engine does with
+  ``"bf16": {"enabled": true}``), the image is fed as bf16 (as the trainer does), and the optimizer keeps an fp32
+  master copy of every parameter: bf16 gradients are copied into fp32 gradient buffers, clipped (norm 1.0, as
+  ``ds_configs/*.json``), AdamW updates the fp32 masters, which are copied back to the bf16 weights. Losses are
+  computed in fp32 by the model (``pixel_loss``, the report head's ``.float()`` logits).
+- ``--precision fp32``: fp32 weights and AdamW on them (same clipping).
+
+Model FLOPs per sample are counted with ``count_training_flops`` (matmuls of forward + backward, no recompute) on
+the timed batch. The practical peak is a large square matmul of the same dtype measured in the same run, in
+between the timed steps (so both see the same machine load); MFU = achieved / peak. Step times and peak are
+medians. The last line printed is one JSON object.
+
+Imports stay light at module level (no DeepSpeed, no DALI): the GPU script runs this on a machine with only
+PyTorch, timm and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+DEFAULT_VOCAB = 30522
+CLIP_NORM = 1.0  # ds_configs/*.json "gradient_clipping"
+ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base", help="model preset (tiny, small, base, large, huge, giant)")
+    p.add_argument("--batch", type=int, default=4, help="samples per step")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
+    p.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
+                   help="AdamW implementation: torch's fused kernel (default), multi-tensor foreach, or per-tensor")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (regional)")
+    p.add_argument("--sdpa", choices=("auto", "flash", "math"), default="auto",
+                   help="attention kernels: auto (torch picks), flash (flash attention; memory-efficient kernel "
+                   "where a padding mask is given, as BERT's), math (unfused, for comparison). On CPU the model's "
+                   "own rule for short half-precision stacks applies inside (see --cpu-math-attention-max-tokens)")
+    p.add_argument("--cpu-math-attention-max-tokens", type=int, default=None, metavar="T",
+                   help="the model's CPU rule: bf16 stacks of <= T tokens use the unfused SDPA kernel (default: "
+                   "mrm_scale.model.mrm.CPU_MATH_ATTENTION_MAX_TOKENS; 0 = flash everywhere)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable), e.g. --set report_loss=all")
+    p.add_argument("--peak-size", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--peak-reps", type=int, default=3, help="peak matmuls after each timed step")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one step with torch.profiler and print the top N ops (stderr)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+class MasterAdamW:
+    """AdamW on fp32 master copies of (bf16) model parameters: DeepSpeed's bf16 scheme, on one process.
+
+    With fp32 parameters it is plain AdamW on them (no copies). ``impl``: ``fused`` / ``foreach`` / ``loop``.
+    Gradients are clipped to a global L2 norm (DeepSpeed's ``gradient_clipping``) on the fp32 copies.
+    """
+
+    def __init__(self, groups: list[dict], impl: str, clip: float | None = CLIP_NORM):
+        import torch
+
+        self.clip = clip
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
+        master_groups = []
+        for g in groups:
+            params = [p.detach().float().clone().requires_grad_(True) if self.mixed else p for p in g["params"]]
+            master_groups.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": params})
+        self.master = [p for g in master_groups for p in g["params"]]
+        if self.mixed:
+            for m in self.master:
+                m.grad = torch.zeros_like(m)
+        flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}[impl]
+        self.impl = impl
+        self.opt = torch.optim.AdamW(master_groups, **ADAMW, **flags)
+
+    def step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            if self.mixed:
+                for m, p in zip(self.master, self.model_params):
+                    if p.grad is None:  # (every MRM parameter gets a gradient; this keeps a stale one out)
+                        m.grad.zero_()
+                pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.model_params) if p.grad is not None]
+                torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])  # bf16 -> fp32 gradients
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.master, self.clip, foreach=self.impl != "loop")
+            self.opt.step()
+            if self.mixed:
+                torch._foreach_copy_(self.model_params, self.master)  # fp32 masters -> bf16 weights
+
+    def zero_grad(self) -> None:
+        for p in self.model_params:
+            p.grad = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sdpa_context(mode: str):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if mode == "flash":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    if mode == "math":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+class PeakMatmul:
+    """Square matmul of the step's dtype; ``sample()`` times ``reps`` of them (one GFLOP/s figure each)."""
+
+    def __init__(self, n: int, dtype, device):
+        import torch
+
+        self.n, self.device = n, device
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        self.a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        self.b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        self.out = torch.empty(n, n, device=device, dtype=dtype)
+        self.values: list[float] = []
+        for _ in range(2):  # warm-up
+            self._once()
+
+    def _once(self) -> float:
+        import torch
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def sample(self, reps: int) -> None:
+        for _ in range(reps):
+            self.values.append(2 * self.n**3 / self._once() / 1e9)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    from mrm_scale.model.info import _parse_overrides as parse
+
+    return parse(items)
+
+
+def build(args, device):
+    """(model, optimizer, batch, cfg) for the step."""
+    import torch
+
+    from mrm_scale.model import build_model, get_preset, param_groups
+    from mrm_scale.model.flops import synthetic_batch
+
+    cfg = get_preset(args.preset, **_parse_overrides(args.overrides))
+    if args.grad_checkpointing:
+        cfg = cfg.replace(grad_checkpointing=True)
+    torch.manual_seed(args.seed)
+    ids = dict(vocab_size=args.vocab_size, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    model = build_model(cfg, **ids).to(device)
+    batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=device, seed=args.seed)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)  # what the DeepSpeed engine does with bf16 enabled
+        batch["image"] = batch["image"].to(torch.bfloat16)  # what the trainer feeds it
+    model.train()
+    groups = param_groups(model, ADAMW["weight_decay"])
+    optimizer = MasterAdamW(groups, args.optimizer)
+    if args.compile:
+        from mrm_scale.model import compile_blocks
+
+        compile_blocks(model)
+    return model, optimizer, batch, cfg
+
+
+def train_step(model, optimizer, batch, seed: int):
+    out = model(batch, seed=seed)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return out
+
+
+def profile_step(model, optimizer, batch, seed: int, top: int, device) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_step(model, optimizer, batch, seed)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mrm_scale.model import mrm as mrm_module
+
+    saved = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
+    if args.cpu_math_attention_max_tokens is not None:
+        mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = args.cpu_math_attention_max_tokens
+    try:
+        return _run(args, mrm_module)
+    finally:
+        mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = saved  # a module setting: not left behind in this process
+
+
+def _run(args: argparse.Namespace, mrm_module) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("mrm-scale bench step: --device cuda but torch.cuda.is_available() is False (no GPU or no CUDA "
+              "build of torch); use --device cpu", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        print("mrm-scale bench step: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        model, optimizer, batch, cfg = build(args, device)
+    except ValueError as e:
+        print(f"mrm-scale bench step: {e}", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = PeakMatmul(args.peak_size or (8192 if device.type == "cuda" else 2048), dtype, device)
+
+    from mrm_scale.model.flops import count_training_flops
+
+    with _sdpa_context(args.sdpa):
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = train_step(model, optimizer, batch, seed=args.seed + i)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            losses.append(float(out.loss.detach()))
+            if i >= args.warmup:
+                times.append(dt)
+                peak.sample(args.peak_reps)  # interleaved: the peak sees the same machine load as the steps
+        table = profile_step(model, optimizer, batch, args.seed, args.profile, device) if args.profile else None
+    # counted on the first timed step's masks (FlopCounterMode; gradients discarded, weights untouched)
+    flops = count_training_flops(model, batch, seed=args.seed + args.warmup)
+    if table:
+        print(f"torch.profiler, one step, top {args.profile} ops by self "
+              f"{'CUDA' if device.type == 'cuda' else 'CPU'} time:\n{table}", file=sys.stderr)
+
+    step_s = statistics.median(times)
+    samples_per_s = args.batch / step_s
+    gflop = flops["per_sample"] / 1e9
+    achieved = gflop * samples_per_s
+    result = {
+        "bench": "step", "preset": cfg.name, "batch": args.batch, "precision": args.precision,
+        "precision_scheme": ("bf16 weights/activations (module cast, as the DeepSpeed engine), fp32 master "
+                             "weights + AdamW, fp32 losses") if args.precision == "bf16" else "fp32",
+        "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                               else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(), "optimizer": f"AdamW({args.optimizer}) + clip {CLIP_NORM}",
+        "compile": args.compile, "sdpa": args.sdpa, "grad_checkpointing": cfg.grad_checkpointing,
+        "cpu_math_attention_max_tokens": mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS,
+        "steps": args.steps, "warmup": args.warmup,
+        "step_s": round(step_s, 5), "step_s_all": [round(t, 4) for t in times],
+        "samples_per_s": round(samples_per_s, 4),
+        "model_gflop_per_sample": round(gflop, 4),
+        "masked_tokens_per_sample": flops["masked_tokens_per_sample"],
+        "achieved_gflop_s": round(achieved, 3),
+        "peak_gflop_s": round(peak.median, 3), "peak_matmul": f"{peak.n}x{peak.n} {args.precision}",
+        "mfu": round(achieved / peak.median, 4),
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,126 @@
+"""Smoke tests of `mrm-scale bench step`, `mrm-scale bench scaling` and `launch/bench_gpu.sh` (no timing asserts:
+the figures depend on the machine; only that every field is there and positive)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mrm_scale.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_SCRIPT = os.path.join(REPO, "launch", "bench_gpu.sh")
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
+STEP_FIELDS = ("samples_per_s", "model_gflop_per_sample", "achieved_gflop_s", "peak_gflop_s", "mfu", "step_s")
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("precision", ("bf16", "fp32"))
+def test_bench_step_prints_every_field(capsys, precision):
+    args = ["bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1",
+            "--precision", precision]
+    assert main(args) == 0
+    r = last_json(capsys.readouterr().out)
+    for k in STEP_FIELDS:
+        assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r[k])
+    assert r["preset"] == "tiny" and r["batch"] == 2 and r["precision"] == precision
+    assert len(r["step_s_all"]) == 2
+    assert r["mfu"] == pytest.approx(r["achieved_gflop_s"] / r["peak_gflop_s"], rel=1e-2)
+    assert r["achieved_gflop_s"] == pytest.approx(r["samples_per_s"] * r["model_gflop_per_sample"], rel=1e-2)
+
+
+def test_bench_step_refuses_bad_input(capsys):
+    assert main(["bench", "step", "--preset", "nope", "--steps", "1"]) == 2
+    assert "unknown model preset" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert main(["bench", "step", "--preset", "tiny", "--device", "cuda", "--steps", "1"]) == 2
+        assert "--device cpu" in capsys.readouterr().err
+
+
+def test_step_bench_and_prep_import_no_deepspeed_or_dali(tmp_path):
+    """The GPU script's machine has neither: `bench step` and `prep` must not import them."""
+    code = (
+        "import sys; from mrm_scale.cli import main\n"
+        f"assert main(['prep', '--source', 'synthetic', '--num', '6', '--synthetic-size', '64', '--shard-size', '4', "
+        f"'--out', {str(tmp_path / 'shards')!r}]) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'torch', 'nvidia'))\n"
+        "assert not heavy, heavy  # prep: numpy, pillow, tokenizers only\n"
+        "assert main(['bench', 'step', '--preset', 'tiny', '--batch', '1', '--steps', '1', '--warmup', '0']) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'nvidia'))\n"
+        "assert not heavy, heavy\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bench_scaling_one_and_two_ranks(capsys):
+    args = ["bench", "scaling", "--preset", "tiny", "--micro-batch", "2", "--steps", "4", "--warmup", "1",
+            "--image-size", "64", "--image-side", "96"]
+    assert main(args) == 0
+    r = last_json(capsys.readouterr().out)
+    for k in ("samples_per_s_1rank", "samples_per_s_2rank", "per_rank_samples_per_s_2rank", "scaling_efficiency"):
+        assert r[k] > 0, (k, r[k])
+    assert 0 <= r["data_wait_fraction_1rank"] < 1 and 0 <= r["data_wait_fraction_2rank"] < 1
+    assert [x["ranks"] for x in r["runs"]] == [1, 2]
+    assert r["scaling_efficiency"] == pytest.approx(r["samples_per_s_2rank"] / (2 * r["samples_per_s_1rank"]), rel=1e-2)
+
+
+def test_gpu_script_parses():
+    subprocess.run(["bash", "-n", GPU_SCRIPT], check=True)
+
+
+def test_gpu_script_refuses_without_a_gpu():
+    env = dict(ENV, CUDA_VISIBLE_DEVICES="")  # no GPU visible, whatever the machine has
+    p = subprocess.run(["bash", GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 3
+    assert "no CUDA GPU" in p.stderr and "--device cpu" in p.stderr
+    assert "bench step" not in p.stdout  # refused before any work
+
+
+def test_cpu_attention_kernel_rule_keeps_the_numbers():
+    """Fast path of `bench step`: half-precision CPU stacks on short sequences use the math SDPA kernel (fp32 inside);
+    losses and gradients stay those of the flash kernel, also under activation checkpointing (recompute)."""
+    import torch
+
+    import mrm_scale.model.mrm as mrm
+    from mrm_scale.model import build_model
+    from mrm_scale.model.flops import synthetic_batch
+
+    ids = dict(vocab_size=300, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    torch.manual_seed(0)
+    model = build_model("tiny", **ids).to(torch.bfloat16)
+    batch = synthetic_batch(model.cfg, 2, vocab_size=300)
+    batch["image"] = batch["image"].to(torch.bfloat16)
+    x = torch.zeros(1, 50, 8, dtype=torch.bfloat16)
+    assert not isinstance(mrm.attention_kernels(x), __import__("contextlib").nullcontext)
+    assert isinstance(mrm.attention_kernels(x.float()), __import__("contextlib").nullcontext)
+
+    def loss_and_grads(threshold, ckpt=False):
+        old = mrm.CPU_MATH_ATTENTION_MAX_TOKENS
+        mrm.CPU_MATH_ATTENTION_MAX_TOKENS = threshold
+        model.set_grad_checkpointing(ckpt)
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(batch, seed=3)
+            out.loss.backward()
+            return out.loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        finally:
+            mrm.CPU_MATH_ATTENTION_MAX_TOKENS = old
+            model.set_grad_checkpointing(False)
+
+    flash_loss, flash_grad = loss_and_grads(0)
+    math_loss, math_grad = loss_and_grads(128)
+    ckpt_loss, ckpt_grad = loss_and_grads(128, ckpt=True)
+    for loss, grad in ((math_loss, math_grad), (ckpt_loss, ckpt_grad)):
+        torch.testing.assert_close(loss, flash_loss, rtol=1e-2, atol=0)
+        cos = torch.nn.functional.cosine_similarity(grad, flash_grad, dim=0)
+        assert cos > 0.99, float(cos)
