@@ -1,0 +1,355 @@
+"""``mrm-scale experiment label-efficiency --out DIR``: does pretraining with reports help when labels are few?
+
+On the built-in synthetic corpus (prepared in ``DIR/shards``; its mild findings are faint in the image and spelled
+out in the report), three ``tiny`` image encoders are compared:
+
+- ``mrm``   MRM pretraining, image + report (λ = 1);
+- ``mae``   image-only masked-image pretraining (λ = 0, ``--report-weight 0``): the same encoder, decoder, data,
+            steps, batch, learning rate and seed; it lacks only the report head (so it spends less compute per
+            step: the comparison equalises the image-side compute and the samples seen);
+- ``none``  no pretraining: the same encoder with its initial weights (MAE-style init, torch seed 0).
+
+Both pretrainings run the real trainer as a subprocess (``deepspeed --num_gpus N launch/pretrain.py`` with
+``ds_configs/zero2.json``; a plain one-rank ``python launch/pretrain.py`` when ``--nproc 1``) and are exported
+with ``mrm-scale export``'s code. Each encoder is then linearly probed (frozen encoder, mean-pooled patch tokens,
+standardised linear head, best epoch by validation AUC) with 1%, 10% and 100% of the training labels, each over
+several seeds (seed = which labelled subset, and the head's init). The corpus' val split is cut in two fixed
+halves: validation (epoch selection) and test (reported). Outputs in ``DIR``: ``results.json``, ``results.md``
+(mean ± std of the test mean AUC per encoder × fraction) and ``auc_vs_fraction.png``.
+
+Re-running on the same ``--out`` reuses the prepared corpus and finished pretraining runs (the trainer resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+log = logging.getLogger("mrm_scale.eval.experiment")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARMS = ("mrm", "mae", "none")
+ARM_LABEL = {"mrm": "MRM (image + report, λ=1)", "mae": "MAE (image only, λ=0)", "none": "none (random init)"}
+
+# sized for <= 45 min on 2 CPU cores (see README "Export and evaluation" for the measured wall time)
+FULL = dict(records=4000, synthetic_size=256, image_size=128, val_fraction=0.25, shard_size=64, steps=3000,
+            micro_batch=16, lr=2e-3, warmup_steps=100, seeds="0,1,2", fractions="0.01,0.1,1.0", probe_epochs=300)
+SMOKE = dict(records=96, synthetic_size=128, image_size=128, val_fraction=0.34, shard_size=8, steps=3,
+             micro_batch=4, lr=1e-3, warmup_steps=1, seeds="0,1,2", fractions="0.1,1.0", probe_epochs=30)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=["label-efficiency"], help="which experiment")
+    p.add_argument("--out", required=True, help="experiment folder (corpus, runs, exports, results)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a couple of minutes (CI)")
+    p.add_argument("--records", type=int, default=None, help=f"synthetic records (default {FULL['records']})")
+    p.add_argument("--synthetic-size", type=int, default=None, help="stored image side of the corpus")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"high-resolution side for all arms (default {FULL['image_size']}, tiny's own)")
+    p.add_argument("--steps", type=int, default=None, help=f"pretraining steps per arm (default {FULL['steps']})")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="pretraining learning rate (both arms)")
+    p.add_argument("--nproc", type=int, default=None, help="pretraining ranks (default 2; smoke 1)")
+    p.add_argument("--seeds", default=None, help="probe seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--fractions", default=None, help="label fractions (default 0.01,0.1,1.0)")
+    p.add_argument("--probe-epochs", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2, help="image decoding workers for feature extraction")
+
+
+def _settings(args) -> dict:
+    base = dict(SMOKE if args.smoke else FULL)
+    for k in ("records", "synthetic_size", "image_size", "steps", "micro_batch", "lr", "seeds", "fractions",
+              "probe_epochs"):
+        v = getattr(args, k, None)
+        if v is not None:
+            base[k] = v
+    base["nproc"] = args.nproc or (1 if args.smoke else 2)
+    base["seeds"] = [int(s) for s in str(base["seeds"]).split(",")]
+    base["fractions"] = [float(f) for f in str(base["fractions"]).split(",")]
+    return base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_corpus(out: str, s: dict) -> str:
+    from mrm_scale.data.prep import PrepOptions, run_prep
+
+    shards = os.path.join(out, "shards")
+    if not os.path.isfile(os.path.join(shards, "manifest.json")):
+        print(f"[experiment] preparing {s['records']} synthetic records in {shards}", flush=True)
+    res = run_prep(PrepOptions(source="synthetic", out=shards, num=s["records"], seed=0,
+                               synthetic_size=s["synthetic_size"], shard_size=s["shard_size"],
+                               val_fraction=s["val_fraction"], workers=min(4, os.cpu_count() or 1),
+                               progress=False))
+    del res
+    return shards
+
+
+def _start_pretraining(out: str, shards: str, arm: str, s: dict):
+    """Start (or resume) the trainer for one arm; None when the run already finished."""
+    run_dir = os.path.join(out, "runs", arm)
+    done = os.path.join(run_dir, "checkpoints", f"step{s['steps']:08d}", "COMPLETE.json")
+    if os.path.isfile(done):
+        print(f"[experiment] {arm}: reusing the finished run {run_dir}", flush=True)
+        return None
+    script = os.path.join(REPO, "launch", "pretrain.py")
+    config = os.path.join(REPO, "ds_configs", "zero2.json")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"{script}: the experiment launches the repository's trainer; run it from a "
+                                "checkout of mrm-scale")
+    flags = ["--deepspeed", config, "--preset", "tiny", "--image-size", str(s["image_size"]),
+             "--report-weight", "1" if arm == "mrm" else "0", "--shards", shards, "--out-root",
+             os.path.join(out, "runs"), "--name", arm, "--max-steps", str(s["steps"]), "--micro-batch",
+             str(s["micro_batch"]), "--lr", str(s["lr"]), "--warmup-steps", str(s["warmup_steps"]), "--seed", "0",
+             "--save-every", str(s["steps"]), "--keep-last", "1", "--vis-every", "0", "--workers", "1",
+             "--log-every", str(max(1, s["steps"] // 20)), "--backend", "wds"]
+    if s["nproc"] > 1:
+        launcher = shutil.which("deepspeed")
+        head = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        cmd = [*head, "--master_port", str(_free_port()), "--num_gpus", str(s["nproc"]), script, *flags]
+    else:
+        cmd = [sys.executable, script, *flags]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // s["nproc"])))
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    log_path = os.path.join(out, "logs", f"pretrain_{arm}.log")
+    print(f"[experiment] {arm}: pretraining {s['steps']} steps ({s['nproc']} rank(s)); log {log_path}", flush=True)
+    logf = open(log_path, "a")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    return {"proc": proc, "log": log_path, "logf": logf, "done": done, "t0": time.time()}
+
+
+def _finish_pretraining(arm: str, job) -> float | None:
+    if job is None:
+        return None
+    code = job["proc"].wait()
+    job["logf"].close()
+    if code != 0 or not os.path.isfile(job["done"]):
+        with open(job["log"]) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"pretraining {arm} failed (exit {code}); see {job['log']}:\n{tail}")
+    return round(time.time() - job["t0"], 1)
+
+
+def pretrain_arms(out: str, shards: str, s: dict) -> dict[str, dict]:
+    """Both pretrainings; one after the other, or side by side when each has one rank and there are cores
+    for both (``--smoke``)."""
+    arms = ("mrm", "mae")
+    walls = {}
+    if s["nproc"] == 1 and (os.cpu_count() or 1) >= 2:
+        jobs = {arm: _start_pretraining(out, shards, arm, s) for arm in arms}
+        try:
+            for arm in arms:
+                walls[arm] = _finish_pretraining(arm, jobs[arm])
+        finally:
+            for job in jobs.values():
+                if job is not None and job["proc"].poll() is None:
+                    job["proc"].kill()
+    else:
+        for arm in arms:
+            walls[arm] = _finish_pretraining(arm, _start_pretraining(out, shards, arm, s))
+    return {arm: {"run_dir": os.path.join(out, "runs", arm), "wall_s": walls[arm], "reused": walls[arm] is None}
+            for arm in arms}
+
+
+@torch.no_grad()
+def report_conditioning(export_dir: str, shards: str, image_size: int, batches: int = 8) -> dict:
+    """Does the MRM report head use the image? Report loss on val records with their own image vs with another
+    record's image (the batch rolled by one), same word masks; a gap near 0 means the text was predicted from
+    the text alone, and the encoder got little signal from the reports."""
+    from mrm_scale.data.loader import LoaderConfig, build_loader
+
+    from .export import load_full_model
+
+    model = load_full_model(export_dir).eval()
+    n_val = json.load(open(os.path.join(shards, "manifest.json")))["splits"]["val"]["samples"]
+    bs = max(1, min(32, n_val))
+    cfg = LoaderConfig(shards=shards, split="val", backend="wds", batch_size=bs, image_size=image_size, workers=0,
+                       shuffle=False, augment=False, max_tokens=model.cfg.max_tokens)
+    own, other = [], []
+    for i, batch in enumerate(build_loader(cfg)):
+        if i >= batches:
+            break
+        own.append(model(batch, seed=1000 + i).report_loss.item())
+        other.append(model({**batch, "image": batch["image"].roll(1, 0)}, seed=1000 + i).report_loss.item())
+    return {"report_loss_own_image": float(np.mean(own)), "report_loss_other_image": float(np.mean(other)),
+            "samples": bs * len(own)}
+
+
+@torch.no_grad()
+def extract(model, data, size: int, channels: int, workers: int) -> torch.Tensor:
+    from torch.utils.data import DataLoader
+
+    from .datasets import ImageDataset
+
+    loader = DataLoader(ImageDataset(data, size, channels), batch_size=64, shuffle=False, num_workers=workers)
+    model.eval()
+    out = []
+    for images, _, _ in loader:
+        out.append(model.features(images).float())
+    return torch.cat(out)
+
+
+def summarise(values: list[float]) -> dict:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return {"mean": float(arr.mean()) if arr.size else None, "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "n": int(arr.size)}
+
+
+def write_table(path: str, results: dict) -> str:
+    fr = results["settings"]["fractions"]
+    head = "| encoder | " + " | ".join(f"{100 * f:g}% labels" for f in fr) + " |"
+    lines = [head, "|---|" + "---|" * len(fr)]
+    for arm in ARMS:
+        cells = []
+        for f in fr:
+            st = results["arms"][arm]["fractions"][f"{f:g}"]["test_mean_auc"]
+            cells.append("n/a" if st["mean"] is None else f"{st['mean']:.3f} ± {st['std']:.3f}")
+        lines.append(f"| {ARM_LABEL[arm]} | " + " | ".join(cells) + " |")
+    s = results["settings"]
+    meta = (f"Test mean ROC AUC over {len(results['classes'])} classes ({results['data']['test']} test samples), "
+            f"mean ± std over seeds {s['seeds']} (seed = labelled subset and head init); linear probe on the "
+            f"frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} synthetic records "
+            f"({results['data']['train']} train), tiny preset at {s['image_size']} px high-res / "
+            f"{s['image_size'] // 2} px encoder input; pretraining {s['steps']} steps x {results['global_batch']} "
+            f"per arm. Wall time {results['wall_s'] / 60:.1f} min.")
+    pre = {a: results["arms"][a]["pretraining"] for a in ("mrm", "mae")}
+    walls = ", ".join(f"{a.upper()} {pre[a]['wall_s']:.0f} s" for a in pre if pre[a].get("wall_s") is not None)
+    meta += (f" Equal budget = same steps, batch, samples and image-side compute; training cost per sample MRM "
+             f"{pre['mrm']['train_gflops_per_sample']} vs MAE {pre['mae']['train_gflops_per_sample']} GFLOP"
+             + (f" (pretraining wall: {walls})" if walls else "") + ".")
+    cond = pre["mrm"].get("conditioning")
+    if cond:
+        meta += (f" MRM's report loss on val: {cond['report_loss_own_image']:.3f} with the record's own image, "
+                 f"{cond['report_loss_other_image']:.3f} with another record's image.")
+    text = "\n".join(lines) + "\n\n" + meta + "\n"
+    with open(path, "w") as f:
+        f.write("# Label efficiency: MRM vs image-only MAE vs no pretraining\n\n" + text)
+    return text
+
+
+def plot(path: str, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fr = results["settings"]["fractions"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for arm, marker in zip(ARMS, "osd"):
+        stats = [results["arms"][arm]["fractions"][f"{f:g}"]["test_mean_auc"] for f in fr]
+        ys = [np.nan if st["mean"] is None else st["mean"] for st in stats]
+        es = [st["std"] for st in stats]
+        ax.errorbar([100 * f for f in fr], ys, yerr=es, marker=marker, capsize=3, label=ARM_LABEL[arm])
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training samples (%)")
+    ax.set_ylabel("test mean ROC AUC")
+    ax.set_title("Linear probe, tiny ViT, synthetic corpus")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
+    from mrm_scale.model import get_preset
+
+    from .datasets import draw_subset, shard_set, split_for_test
+    from .export import export, load_encoder_weights
+    from .probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
+
+    t0 = time.time()
+    os.makedirs(out, exist_ok=True)
+    shards = prepare_corpus(out, s)
+    prep_s = time.time() - t0
+    pre = {}
+    for arm, info in pretrain_arms(out, shards, s).items():
+        exp_dir = os.path.join(out, "exports", arm)
+        meta = export(info["run_dir"], exp_dir, overwrite=True)
+        pre[arm] = {**info, "export": exp_dir, "step": meta["source"]["step"], "final_losses": meta["final_losses"]}
+        print(f"[experiment] {arm}: exported to {exp_dir}; final losses {meta['final_losses']}", flush=True)
+
+    from mrm_scale.model.flops import formula_training_flops
+
+    vocab = json.load(open(os.path.join(shards, "manifest.json")))["tokenizer"]["vocab_size"]
+    for arm in pre:
+        arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0)
+        pre[arm]["train_gflops_per_sample"] = round(formula_training_flops(arm_cfg, vocab_size=vocab)["total"] / 1e9, 4)
+    pre["mrm"]["conditioning"] = report_conditioning(pre["mrm"]["export"], shards, s["image_size"])
+    print(f"[experiment] mrm report head, val: {pre['mrm']['conditioning']}", flush=True)
+
+    train = shard_set(shards, "train")
+    classes = train.classes
+    val, test = split_for_test(shard_set(shards, "val", classes), 0.5, 0)
+    cfg = get_preset("tiny", img_size=s["image_size"], report_weight=0.0)
+    arms: dict = {}
+    for arm in ARMS:
+        torch.manual_seed(0)
+        model = Classifier(cfg, len(classes))  # "none" keeps this MAE-style init (torch seed 0)
+        if arm != "none":
+            ecfg, sd, _ = load_encoder_weights(pre[arm]["export"])
+            init_encoder_weights(model.encoder, sd)
+        t1 = time.time()
+        feats = {name: extract(model, d, cfg.img_size, cfg.in_chans, workers)
+                 for name, d in (("train", train), ("val", val), ("test", test))}
+        print(f"[experiment] {arm}: features in {time.time() - t1:.0f} s", flush=True)
+        per_fraction = {}
+        for f in s["fractions"]:
+            runs = []
+            for seed in s["seeds"]:
+                idx = draw_subset(train.keys, train.labels, f, seed)
+                fit = fit_linear_probe(feats["train"][idx], torch.from_numpy(train.labels[idx]), feats["val"],
+                                       val.labels, classes, epochs=s["probe_epochs"], seed=seed)
+                te = auc_table(test.labels, apply_head(fit["head"], feats["test"]), classes)
+                runs.append({"seed": seed, "train_samples": len(idx), "best_epoch": fit["best_epoch"],
+                             "val_mean_auc": fit["best_val"]["mean_auc"], "test_mean_auc": te["mean_auc"],
+                             "test_auc": te["auc"]})
+            per_fraction[f"{f:g}"] = {
+                "runs": runs, "test_mean_auc": summarise([r["test_mean_auc"] for r in runs]),
+                "val_mean_auc": summarise([r["val_mean_auc"] for r in runs]),
+                "train_samples": runs[0]["train_samples"]}
+            st = per_fraction[f"{f:g}"]["test_mean_auc"]
+            print(f"[experiment] {arm} @ {100 * f:g}% labels: test mean AUC {st['mean']:.3f} ± {st['std']:.3f}",
+                  flush=True)
+        arms[arm] = {"label": ARM_LABEL[arm], "fractions": per_fraction, **({"pretraining": pre[arm]}
+                                                                            if arm in pre else {})}
+    results = {
+        "experiment": "label-efficiency", "settings": s, "classes": classes,
+        "data": {"train": len(train), "val": len(val), "test": len(test), "shards": shards},
+        "global_batch": s["micro_batch"] * s["nproc"], "arms": arms,
+        "prep_s": round(prep_s, 1), "wall_s": round(time.time() - t0, 1),
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = write_table(os.path.join(out, "results.md"), results)
+    plot(os.path.join(out, "auc_vs_fraction.png"), results)
+    print(table, flush=True)
+    print(f"[experiment] wrote {out}/results.json, results.md, auc_vs_fraction.png "
+          f"({results['wall_s'] / 60:.1f} min)", flush=True)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    try:
+        run_experiment(os.path.abspath(args.out), s, workers=args.workers)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
