@@ -47,9 +47,13 @@ def _to_device(batch: dict, device: str, image_dtype: torch.dtype) -> dict:
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if k == "image":
-                v = v.to(image_dtype)
+            if k == "image" and v.dim() == 4 and v.shape[1] > 1 and v.stride(1) == 0:
+                # grayscale replicated as a zero-copy view: move one channel, expand again on the device
+                v = v[:, :1].to(device, non_blocking=True).to(image_dtype).expand(v.shape)
+            else:
+                v = v.to(device, non_blocking=True)
+                if k == "image":
+                    v = v.to(image_dtype)
         out[k] = v
     return out
 
