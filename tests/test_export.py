@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from mrm_scale.data.prep import PrepOptions, run_prep
+from mrm_scale.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
@@ -21,12 +21,6 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PAR
            PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, check=True, timeout=600):
@@ -48,7 +42,7 @@ def pretrained(tmp_path_factory):
     shards = root / "syn"
     run_prep(PrepOptions(source="synthetic", out=str(shards), num=96, synthetic_size=128, shard_size=8,
                          val_fraction=0.2, progress=False, workers=2))
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--master_port", str(_free_port()), "--num_gpus", "2", PRETRAIN,
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", PRETRAIN,
            "--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json"), "--preset", "tiny", "--micro-batch", "4",
            "--shards", str(shards), "--out-root", str(root / "runs"), "--name", "z3", "--max-steps", "3",
            "--log-every", "1", "--vis-every", "0", "--workers", "1", "--backend", "wds", "--trace"]

@@ -5,13 +5,13 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from mrm_scale.data.prep import PrepOptions, run_prep
+from mrm_scale.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
@@ -31,7 +31,7 @@ def shards(tmp_path_factory):
 
 def launcher(nproc: int = 2) -> list[str]:
     """The deepspeed launcher on a free rendezvous port (tests may run beside other jobs)."""
-    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_free_port())]
+    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port())]
 
 
 def deepspeed_cmd(config: str, *args, nproc: int = 2) -> list[str]:
@@ -130,15 +130,9 @@ def test_killed_run_resumes_with_same_keys_and_losses(shards, tmp_path, backend)
     assert resumed_final[0]["param_sha256"] == resumed_final[1]["param_sha256"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_localhost(shards, tmp_path):
     """Two launcher processes (one rank each) meeting at a shared rendezvous on 127.0.0.1."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),

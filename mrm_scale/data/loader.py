@@ -52,7 +52,6 @@ Bad data at run time
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -485,7 +484,3 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: d
         loader.load_state_dict(state)
     return loader
 
-
-def tokenizer_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()

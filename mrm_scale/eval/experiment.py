@@ -27,13 +27,14 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+
+from mrm_scale.ports import free_port
 
 log = logging.getLogger("mrm_scale.eval.experiment")
 
@@ -79,12 +80,6 @@ def _settings(args) -> dict:
     return base
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_corpus(out: str, s: dict) -> str:
     from mrm_scale.data.prep import PrepOptions, run_prep
 
@@ -120,7 +115,7 @@ def _start_pretraining(out: str, shards: str, arm: str, s: dict):
     if s["nproc"] > 1:
         launcher = shutil.which("deepspeed")
         head = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-        cmd = [*head, "--master_port", str(_free_port()), "--num_gpus", str(s["nproc"]), script, *flags]
+        cmd = [*head, "--master_port", str(free_port()), "--num_gpus", str(s["nproc"]), script, *flags]
     else:
         cmd = [sys.executable, script, *flags]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",

@@ -161,6 +161,22 @@ def _adapt_patch_proj(src: torch.Tensor, dst: torch.Tensor, key: str, where: str
     return w.to(src.dtype), "; ".join(notes)
 
 
+def _apply(module: nn.Module, new: dict, sd: dict, report: LoadReport, problems: list[str], where: str, what: str,
+           strict: bool, expected: str) -> LoadReport:
+    """Shared end of both loaders: fail loudly on shape problems, on nothing matched and (strict) on missing
+    keys; otherwise load the matched tensors and log the report."""
+    if problems:
+        raise WeightLoadError(f"{where}: cannot load into the {what}: " + " | ".join(problems))
+    if not new:
+        sample = ", ".join(list(sd)[:5]) or "(no tensors)"
+        raise WeightLoadError(f"{where}: no key matches the {what} (expected {expected}; the file has e.g. {sample})")
+    if strict and report.missing:
+        raise WeightLoadError(f"{where}: {what} keys missing: {', '.join(report.missing)}")
+    module.load_state_dict(new, strict=False)
+    report.log(what)
+    return report
+
+
 def load_image_encoder(
     target: nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -207,19 +223,8 @@ def load_image_encoder(
         new[key] = src
         report.loaded.append(key)
     report.unexpected = sorted(k for k in sd if k not in used)
-    if problems:
-        raise WeightLoadError(f"{where}: cannot load into the image encoder: " + " | ".join(problems))
-    if not new:
-        sample = ", ".join(list(sd)[:5]) or "(no tensors)"
-        raise WeightLoadError(
-            f"{where}: no key matches the image encoder (expected timm ViT keys such as 'patch_embed.proj.weight', "
-            f"'blocks.0.attn.qkv.weight'; the file has e.g. {sample})"
-        )
-    if strict and report.missing:
-        raise WeightLoadError(f"{where}: image encoder keys missing: {', '.join(report.missing)}")
-    enc.load_state_dict(new, strict=False)
-    report.log("image encoder")
-    return report
+    return _apply(enc, new, sd, report, problems, where, "image encoder", strict,
+                  "timm ViT keys such as 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,16 +311,5 @@ def load_report_head(
         new[key] = src
         report.loaded.append(key)
     report.unexpected = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED_BUFFERS))
-    if problems:
-        raise WeightLoadError(f"{where}: cannot load into the report head: " + " | ".join(problems))
-    if not new:
-        sample = ", ".join(list(sd)[:5]) or "(no tensors)"
-        raise WeightLoadError(
-            f"{where}: no key matches the BERT report head (expected 'bert.*' / 'cls.*' keys; the file has e.g. "
-            f"{sample})"
-        )
-    if strict and report.missing:
-        raise WeightLoadError(f"{where}: report head keys missing: {', '.join(report.missing)}")
-    mlm.load_state_dict(new, strict=False)
-    report.log("report head")
-    return report
+    return _apply(mlm, new, sd, report, problems, where, "report head", strict,
+                  "'bert.*' / 'cls.*' keys of a BERT masked LM")

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from mrm_scale.data import shardformat as sf
-from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, tokenizer_sha256
+from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
+from mrm_scale.ports import free_port
 
 from . import checkpoint
 from .config import DEFAULT_SHARDS, RunConfigError, ds_config_path, load_ds_json, resolve_ds_config
@@ -63,13 +64,8 @@ def start_distributed() -> tuple[int, int, int, str]:
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         # Started with plain `python`: a world of one, without MPI discovery.
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -137,7 +133,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     if int(manifest["max_tokens"]) != model_cfg.max_tokens:
         model_cfg = model_cfg.replace(max_tokens=int(manifest["max_tokens"]))
 
-    expected_tok = tokenizer_sha256(args.tokenizer) if args.tokenizer else None
+    expected_tok = sf.sha256_file(args.tokenizer) if args.tokenizer else None
     micro = args.micro_batch or ds_json.get("train_micro_batch_size_per_gpu")
     loader_cfg = LoaderConfig(
         shards=args.shards, split="train", backend=args.backend, batch_size=int(micro or 1),
@@ -147,7 +143,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     try:
         probe = build_loader(loader_cfg, rank, world)  # runs every data check; cheap (no pipeline started)
         steps_per_epoch = len(probe)
-        del probe
+        probe.close()
     except LoaderError as e:
         raise RunConfigError(str(e)) from None
 
