@@ -108,15 +108,11 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str, tag: str, rank: int) -> tuple[int, dict | None, dict]:
-    """Load a checkpoint into ``engine``; returns (step, this rank's loader state, saved run config)."""
+def load(engine, ckpt_dir: str, tag: str, rank: int) -> tuple[int, dict | None]:
+    """Load a checkpoint into ``engine``; returns (step, this rank's loader state). The world size was checked
+    against ``COMPLETE.json`` before any compute (``setup._check_resumable``)."""
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None or client is None:
         raise FileNotFoundError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")
-    loaders, rngs = client["loader"], client["rng"]
-    if len(loaders) != engine.world_size:
-        raise RuntimeError(
-            f"{os.path.join(ckpt_dir, tag)} was written by {len(loaders)} ranks, this run has {engine.world_size}: "
-            f"resume with {len(loaders)} ranks (the data position of each rank is stored per rank)")
-    set_rng_state(rngs[rank])
-    return int(client["step"]), loaders[rank], client.get("run_config", {})
+    set_rng_state(client["rng"][rank])
+    return int(client["step"]), client["loader"][rank]

@@ -105,7 +105,7 @@ def train(run: Run, engine, model) -> dict:
 
     step, loader_state = 0, None
     if run.resume_from:
-        step, loader_state, _ = checkpoint.load(engine, *run.resume_from, run.rank)
+        step, loader_state = checkpoint.load(engine, *run.resume_from, run.rank)
         if run.is_main:
             print(f"resumed from {os.path.join(*run.resume_from)} at step {step}", flush=True)
     loader = build_loader_for(run, loader_state)
