@@ -13,9 +13,11 @@ import warnings
 import json
 import logging
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -209,6 +211,10 @@ def build_engine(run: Run):
     import deepspeed
 
     tok = run.manifest["tokenizer"]
+    # Same seed, same initial weights: runs are comparable (and DeepSpeed broadcasts rank 0's weights anyway).
+    random.seed(run.args.seed)
+    np.random.seed(run.args.seed)
+    torch.manual_seed(run.args.seed)
     model = build_model(run.model_cfg, vocab_size=tok["vocab_size"], pad_token_id=tok["pad_id"],
                         cls_token_id=tok["cls_id"], sep_token_id=tok["sep_id"], mask_token_id=tok["mask_id"])
     if run.args.init_encoder or run.args.init_report:
