@@ -86,14 +86,17 @@ def start_distributed() -> tuple[int, int, int, str]:
 def prepare_demo_if_needed(shards: str, demo_num: int, seed: int, rank: int) -> None:
     """``shards/demo`` is prepared on first use (rank 0 prepares, the others wait); other paths must exist."""
     manifest = os.path.join(shards, sf.MANIFEST)
-    if os.path.isfile(manifest):
+    is_default = os.path.normpath(shards) == os.path.normpath(DEFAULT_SHARDS)
+    if os.path.isfile(manifest) and not is_default:
         return
-    if os.path.normpath(shards) != os.path.normpath(DEFAULT_SHARDS):
+    if not is_default:
         raise RunConfigError(
             f"--shards {shards}: no manifest.json there; prepare the corpus first, e.g. "
             f"`mrm-scale prep --source csv --input training.csv --out {shards}` (only the default {DEFAULT_SHARDS} "
             "is prepared automatically)")
-    if rank == 0:
+    # Every rank meets the barrier below whether or not the manifest exists yet: a rank that started late could
+    # otherwise see rank 0's fresh manifest, skip the barrier, and leave the ranks one barrier apart.
+    if rank == 0 and not os.path.isfile(manifest):
         from mrm_scale.data.prep import PrepOptions, run_prep, summary
 
         print(f"{shards} does not exist: preparing the built-in synthetic corpus ({demo_num} records) ...", flush=True)
@@ -161,16 +164,22 @@ def setup_run(args: argparse.Namespace) -> Run:
         "tokenizer": manifest["tokenizer"], "shards": os.path.abspath(args.shards),
     }
     if resume_from:
-        _check_resumable(run)
+        _check_resumable(run)  # every rank reads the previous run_config.json ...
+        _barrier()  # ... before rank 0 replaces it below
     if run.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
-        with open(os.path.join(run_dir, "run_config.json"), "w") as f:
-            json.dump(run.run_config, f, indent=2)
+        _write_json(os.path.join(run_dir, "ds_config.json"), ds_config)
+        _write_json(os.path.join(run_dir, "run_config.json"), run.run_config)
         print("resolved DeepSpeed config:\n" + json.dumps(ds_config, indent=2), flush=True)
     _barrier()
     return run
+
+
+def _write_json(path: str, obj) -> None:
+    """Write whole or not at all: a reader never sees a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _jsonable(v) -> bool:
