@@ -203,6 +203,42 @@ def test_non_utf8_report_in_csv_is_rejected(tmp_path):
     assert res.accepted == 1 and [r["reason"] for r in res.rejected] == ["non-utf8-report"]
 
 
+def test_malformed_and_non_utf8_rows_are_rejected_not_cut_or_fatal(tmp_path):
+    """An unquoted comma must not cut the report at the comma, and a non-UTF-8 byte in any column (not only the
+    report) rejects that row with its reason while prep goes on."""
+    good, _ = make_images(tmp_path / "images")
+    with open(tmp_path / "c.csv", "wb") as f:
+        f.write(b"image_path,report_content,site\n")
+        f.write(f"{good[0]},Heart normal.,A\n".encode())
+        f.write(f"{good[1]},Heart normal, no effusion, lungs clear.,B\n".encode())  # 5 fields, header has 3
+        f.write(f"{good[2]},Heart normal.,".encode() + "Hôpital".encode("latin-1") + b"\n")
+        f.write(good[3].encode()[:-4] + b"\xe9.png,Heart normal.,C\n")  # the image path itself
+    res = run_prep(opts(input=str(tmp_path / "c.csv"), out=str(tmp_path / "out"), val_fraction=0.0))
+    assert res.accepted == 1
+    assert sorted(r["reason"] for r in res.rejected) == ["malformed-row", "non-utf8-field", "non-utf8-field"]
+    why = {r["reason"]: r["detail"] for r in res.rejected}
+    assert "c.csv:3" in why["malformed-row"] and "quote" in why["malformed-row"]
+    details = [r["detail"] for r in res.rejected if r["reason"] == "non-utf8-field"]
+    assert any("'site'" in d and "c.csv:4" in d for d in details)
+    assert any("'image_path'" in d and "c.csv:5" in d for d in details)
+    assert verify_dir(str(tmp_path / "out"))[0] == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    # no FINDINGS/IMPRESSION: the body after the header paragraphs is the report (MIMIC's title line dropped)
+    ("     FINAL REPORT\n EXAMINATION: CHEST\n INDICATION: ___ with cough\n\n Lungs clear. No effusion.\n",
+     "Lungs clear. No effusion."),
+    ("FINAL REPORT\nHISTORY: fall\nCOMPARISON: none\n\nThe heart is normal.\n\nNo pneumothorax.",
+     "The heart is normal. No pneumothorax."),
+    ("FINAL REPORT\n INDICATION: cough\n\n FINDINGS:\n Lungs clear.\n\n IMPRESSION:\n Normal.", "Lungs clear. Normal."),
+    ("Lungs are clear, no effusion.", "Lungs are clear, no effusion."),
+])
+def test_report_cleaning_fallback_keeps_the_body(text, expected):
+    from mrm_scale.data.reports import clean_free_text
+
+    assert clean_free_text(text) == expected
+
+
 def test_wrong_columns_and_nothing_accepted_are_errors(tmp_path):
     (tmp_path / "c.csv").write_text("path,text\nx.png,hello\n")
     with pytest.raises(PrepError, match="--image-column"):
@@ -340,6 +376,24 @@ def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
         assert meta["view"] == "AP"
     assert np.abs(imgs["m1.dcm"] - imgs["m2.dcm"]).mean() < 3  # MONOCHROME1 came out the same way up
     assert imgs["m2.dcm"][:, 60:68].mean() > imgs["m2.dcm"][:, 30:40].mean() + 40  # centre bright, lung dark
+
+
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "MR_small_RLE.dcm"])
+def test_compressed_dicom_transfer_syntaxes_decode(name, tmp_path):
+    """pydicom's own sample files (shipped in its wheel) for the compressed syntaxes: each is accepted and stored
+    as a grayscale JPEG of the right size."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file(name)
+    ds = pydicom.dcmread(src)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    write_csv(tmp_path / "c.csv", [[src, REPORT]])
+    res = run_prep(opts(input=str(tmp_path / "c.csv"), out=str(tmp_path / "out"), val_fraction=0.0))
+    assert res.accepted == 1 and res.rejected == []
+    _, parts = next(sf.iter_tar_samples(str(tmp_path / "out" / res.manifest["splits"]["train"]["shards"][0]["tar"])))
+    img = Image.open(io.BytesIO(parts["jpg"]))
+    assert img.mode == "L" and img.size == (ds.Columns, ds.Rows) and np.asarray(img).std() > 1
 
 
 def test_real_dicom_is_a_plausible_radiograph(realdata, tmp_path):

@@ -256,11 +256,15 @@ def run_prep(opt: PrepOptions) -> PrepResult:
     # Fork the image workers before the tokenizer's own thread pool starts (forking after it is unsafe).
     pool = mp.get_context("fork").Pool(opt.workers) if opt.workers > 1 else None
     try:
-        return _prepare(opt, t0, by_split, usable, rejected, excluded, pool)
-    finally:
+        result = _prepare(opt, t0, by_split, usable, rejected, excluded, pool)
+    except BaseException:
         if pool:
-            pool.close()
-            pool.join()
+            pool.terminate()  # an error or Ctrl-C surfaces now, not after every queued image is encoded
+        raise
+    if pool:
+        pool.close()
+        pool.join()
+    return result
 
 
 def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
@@ -318,6 +322,7 @@ def _tokenizer(opt: PrepOptions, train_reports: list[str]):
             raise PrepError("no usable report to train a tokenizer on; fix the reports or pass --tokenizer PATH")
         tok = train_wordpiece(train_reports, opt.vocab_size)
         data = tokenizer_bytes(tok)
+        _write_atomic(saved, data)  # the vocabulary first, then the stamp that lets a re-run reuse it
         _write_atomic(stamp, key.encode())
         return tok, data
     except (TokenizerError, OSError) as e:

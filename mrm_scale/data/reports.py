@@ -22,6 +22,8 @@ HEADER_SECTIONS = (
 # (one-line reports such as "FINDINGS: ... IMPRESSION: ...").
 _KNOWN = "|".join(re.escape(s) for s in sorted(KEEP_SECTIONS + HEADER_SECTIONS, key=len, reverse=True))
 _SECTION_RE = re.compile(rf"(?:(?:^|\n)[ \t]*([A-Z][A-Z /()&-]{{2,40}}?)|\b({_KNOWN}))[ \t]*:", re.MULTILINE)
+_TITLE_LINE_RE = re.compile(r"^[ \t]*FINAL REPORT[ \t]*$", re.MULTILINE)  # MIMIC's title line, no colon
+_PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 _UNDERSCORES_RE = re.compile(r"_{2,}")
 _XXXX_RE = re.compile(r"\b[Xx]{2,}\b")
 _SPACE_RE = re.compile(r"\s+")
@@ -60,13 +62,21 @@ def split_sections(text: str) -> list[tuple[str, str]]:
 
 def clean_free_text(text: str) -> str:
     """Clean a free-text report (MIMIC-CXR style)."""
-    sections = split_sections(text)
+    sections = split_sections(_TITLE_LINE_RE.sub("", text))
     kept = [body for name, body in sections if name in KEEP_SECTIONS]
     if not kept:
-        kept = [body for name, body in sections if name not in HEADER_SECTIONS]
+        # A header section ends at its first blank line: an unlabelled body written after, say, INDICATION is
+        # the report itself, not part of the header.
+        kept = [_after_first_paragraph(body) if name in HEADER_SECTIONS else body for name, body in sections]
+        kept = [body for body in kept if body.strip()]
         if not kept:  # only header sections: keep everything rather than nothing
             kept = [body for _, body in sections]
     return collapse(normalise_placeholders(" ".join(kept)))
+
+
+def _after_first_paragraph(body: str) -> str:
+    parts = _PARAGRAPH_RE.split(body.strip("\n"), maxsplit=1)
+    return parts[1] if len(parts) == 2 else ""
 
 
 def sections_to_text(sections: dict[str, str]) -> str:

@@ -126,6 +126,10 @@ def list_table(path: str, kind: str, image_column: str, report_column: str, imag
             raise SourceError(
                 f"{path}: columns {sorted(row)} lack {image_column!r} or {report_column!r}; "
                 "name them with --image-column / --report-column")
+        bad = _malformed_row(row, path, n, kind, report_column)
+        if bad:
+            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="", reject=bad))
+            continue
         img = row.get(image_column)
         if img is None or str(img).strip() == "":
             out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
@@ -140,17 +144,36 @@ def list_table(path: str, kind: str, image_column: str, report_column: str, imag
         if extra:
             c.meta["columns"] = extra
         raw = row.get(report_column)
-        if isinstance(raw, str):
-            if raw.strip().lower() in ("nan", "none", "null"):
-                raw = ""
-            try:
-                raw.encode("utf-8")
-            except UnicodeEncodeError:
-                c.reject = ("non-utf8-report", f"{path}:{n}: report is not valid UTF-8; re-encode the file as UTF-8")
-                out.append(c)
-                continue
+        if isinstance(raw, str) and raw.strip().lower() in ("nan", "none", "null"):
+            raw = ""
         out.append(_with_report(c, raw))
     return out
+
+
+def _not_utf8(value) -> bool:
+    """True for text that came from bytes that are not UTF-8 (decoded with ``surrogateescape``)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _malformed_row(row: dict, path: str, n: int, kind: str, report_column: str) -> tuple[str, str] | None:
+    """Why a table row cannot be read faithfully, or None. A CSV row with more fields than the header (an
+    unquoted comma in a report) would otherwise cut the report at the comma."""
+    if kind == "csv" and None in row:
+        return ("malformed-row", f"{path}:{n}: {len(row) - 1 + len(row[None])} fields but the header names "
+                                 f"{len(row) - 1}; quote fields that contain commas (e.g. the report) and re-run")
+    for col, value in row.items():
+        if _not_utf8(col) or _not_utf8(value):
+            if col == report_column:
+                return ("non-utf8-report", f"{path}:{n}: report is not valid UTF-8; re-encode the file as UTF-8")
+            name = col.encode("utf-8", "replace").decode() if isinstance(col, str) else col
+            return ("non-utf8-field", f"{path}:{n}: column {name!r} is not valid UTF-8; re-encode the file as UTF-8")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- mimic-cxr
@@ -246,7 +269,7 @@ def list_openi(path: str, image_root: str | None, metadata: str | None, views: s
         with _open_maybe_gz(metadata) as f:
             view_of = {r["imageid"]: (r.get("View Position") or "") for r in csv.DictReader(f)}
     available = {}
-    for name in os.listdir(image_root):
+    for name in sorted(os.listdir(image_root)):  # sorted: with X.jpg and X.png both there, the same one wins on every machine
         stem, ext = os.path.splitext(name)
         if ext.lower() in IMAGE_SUFFIXES:
             available.setdefault(stem, os.path.join(image_root, name))

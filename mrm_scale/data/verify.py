@@ -122,11 +122,21 @@ def verify_dir(folder: str, workers: int = 1) -> tuple[list[str], dict]:
             problems.append(f"{tpath}: sha256 differs from manifest.json's tokenizer entry")
         from tokenizers import Tokenizer
 
-        size = Tokenizer.from_file(tpath).get_vocab_size(with_added_tokens=True)
-        if size != tok.get("vocab_size"):
-            problems.append(f"{tpath}: vocabulary has {size} entries, manifest says {tok.get('vocab_size')}")
+        try:
+            size = Tokenizer.from_file(tpath).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # tokenizers raises its own exception type for a damaged file
+            problems.append(f"{tpath}: not a readable tokenizer ({e}); re-run prep to rewrite it")
+        else:
+            if size != tok.get("vocab_size"):
+                problems.append(f"{tpath}: vocabulary has {size} entries, manifest says {tok.get('vocab_size')}")
+    missing = [k for k in ("max_tokens", "splits") if k not in manifest]
+    if missing:
+        return problems + [f"{mpath}: no {' or '.join(missing)} entry; re-run prep to rewrite the manifest"], {}
     jobs, listed = [], set()
-    for split, info in manifest.get("splits", {}).items():
+    for split, info in manifest["splits"].items():
+        if not isinstance(info, dict) or "shards" not in info or "samples" not in info:
+            problems.append(f"{mpath}: split {split!r} lacks its 'shards'/'samples' entries; re-run prep")
+            continue
         for entry in info["shards"]:
             listed.add(entry["tar"])
             jobs.append((folder, entry, manifest["max_tokens"], tok))
