@@ -9,6 +9,8 @@ import argparse
 
 import deepspeed
 
+from mrm_scale.data.loader import LoaderError
+from mrm_scale.model.weights import WeightLoadError
 from mrm_scale.train.config import RunConfigError, add_arguments
 from mrm_scale.train.loop import NonFiniteLossError, train
 from mrm_scale.train.setup import build_engine, fail, setup_run
@@ -22,7 +24,7 @@ def main() -> None:
         run = setup_run(args)
         engine, model = build_engine(run)
         train(run, engine, model)
-    except (RunConfigError, NonFiniteLossError, FileNotFoundError) as e:
+    except (RunConfigError, NonFiniteLossError, FileNotFoundError, LoaderError, WeightLoadError) as e:
         fail(str(e))
 
 

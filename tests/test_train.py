@@ -104,7 +104,11 @@ def test_other_zero_stages_train_and_checkpoint(shards, tmp_path, config):
     run([*launcher(2), PRETRAIN, "--deepspeed", path, *COMMON, "--shards", shards, "--out-root", str(tmp_path),
          "--name", "r", "--max-steps", "3", "--vis-every", "3", "--backend", "dali"])
     acc = tb_tags(str(tmp_path / "r"))
-    assert len(acc.Scalars("loss/total")) == 3 and "vis/reconstruction" in acc.Tags()["images"]
+    tags = acc.Tags()
+    for s in SCALARS:  # every scalar, the image and the text, under every stage (offload included)
+        assert [e.step for e in acc.Scalars(s)] == [1, 2, 3], f"{s} under {config}"
+    assert all(e.value > 0 for s in ("loss/total", "grad_norm", "throughput/mfu") for e in acc.Scalars(s))
+    assert "vis/reconstruction" in tags["images"] and any("vis/report" in t for t in tags["tensors"])
     assert (tmp_path / "r" / "checkpoints" / "step00000003" / "COMPLETE.json").is_file()
     if config == "zero1.json":
         assert glob.glob(str(tmp_path / "r" / "tb_deepspeed" / "**" / "events.out.tfevents.*"), recursive=True)
@@ -118,8 +122,12 @@ def test_killed_run_resumes_with_same_keys_and_losses(shards, tmp_path, backend)
     code, _ = run(deepspeed_cmd("zero2.json", *args, "--name", "crash", "--debug-crash-at", "5"), check=False)
     assert code != 0
     assert [d for d in os.listdir(tmp_path / "crash" / "checkpoints") if d.startswith("step")] == ["step00000004"]
+    interrupted = tmp_path / "crash" / "checkpoints" / "step00000006"  # a newer save that never finished
+    interrupted.mkdir()
+    (interrupted / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     _, out = run(deepspeed_cmd("zero2.json", *args, "--name", "crash", "--resume", "auto"))
     assert "resumed from" in out and "at step 4" in out
+    assert not interrupted.exists()  # pruned once step 8 was complete
     full, full_final = read_trace(str(tmp_path / "full"))
     resumed, resumed_final = read_trace(str(tmp_path / "crash"))
     for rank in (0, 1):
@@ -128,6 +136,13 @@ def test_killed_run_resumes_with_same_keys_and_losses(shards, tmp_path, backend)
             for k in ("loss", "image_loss", "report_loss"):
                 assert resumed[rank][step][k] == pytest.approx(full[rank][step][k], rel=2e-2, abs=2e-3), (rank, step, k)
     assert resumed_final[0]["param_sha256"] == resumed_final[1]["param_sha256"]
+    if backend == "wds":  # resumes that would be silently wrong are refused before compute, naming what differs
+        code, out = run([sys.executable, PRETRAIN, "--deepspeed", os.path.join(REPO, "ds_configs", "zero2.json"),
+                         *COMMON, *args, "--name", "crash", "--resume", "auto"], check=False)
+        assert code == 2 and "written by 2 ranks, this run has 1" in out, out[-3000:]
+        code, out = run(deepspeed_cmd("zero2.json", *args, "--name", "crash", "--resume", "auto", "--image-size", "64"),
+                        check=False)
+        assert code != 0 and "img_size=128 (this run: 64)" in out and "Traceback" not in out, out[-3000:]
 
 
 def test_two_nodes_on_localhost(shards, tmp_path):
@@ -149,6 +164,27 @@ def test_two_nodes_on_localhost(shards, tmp_path):
     keys1 = {k for s in steps[1].values() for k in s["keys"]}
     assert keys0 and keys1 and not keys0 & keys1  # each rank reads different shards
     assert final[0]["param_sha256"] == final[1]["param_sha256"]  # replicas agree after training
+
+
+def test_slurm_script_runs_torchrun_rendezvous(shards, tmp_path):
+    """launch/slurm.sbatch as SLURM would run it on one node: `scontrol` and `srun` are stand-ins that resolve the
+    node list to 127.0.0.1 and run the command; torchrun, the c10d rendezvous and the trainer are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(ENV, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{ENV['PATH']}", SLURM_JOB_NODELIST="node1",
+               SLURM_NNODES="1", SLURM_JOB_ID="4242", GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), RUN_NAME="sl")
+    zero1 = os.path.join(REPO, "ds_configs", "zero1.json")
+    p = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), *COMMON, "--shards", shards,
+                        "--out-root", str(tmp_path), "--max-steps", "2", "--vis-every", "0", f"--deepspeed={zero1}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    cfg = json.loads((tmp_path / "sl" / "ds_config.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 1 and cfg["train_batch_size"] == 8  # the given config, 2 ranks
+    assert (tmp_path / "sl" / "checkpoints" / "step00000002" / "COMPLETE.json").is_file()
 
 
 def test_nan_loss_is_skipped_then_repeated_nans_stop_the_run(shards, tmp_path):

@@ -14,6 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 
 REPORT_LOSS_MODES = ("masked", "all")
+# Fields that decide the parameters' names and shapes: a checkpoint resumes only into a model that agrees on them
+# (the others - mask ratios, losses, drop path, checkpointing - may change between runs).
+SHAPE_FIELDS = ("img_size", "sr_scale", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "qkv_bias", "pos_embed", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+                "decoder_mlp_ratio", "text_width", "text_depth", "text_heads", "text_intermediate",
+                "text_max_positions")
 POS_EMBED_MODES = ("sincos", "learned")
 
 

@@ -56,17 +56,27 @@ def find_resume(ckpt_dir: str, resume: str) -> tuple[str, str] | None:
     raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (a step######## folder with {COMPLETE})")
 
 
+def _device_accelerator():
+    """DeepSpeed's accelerator when it is a device with its own RNG (CUDA, XPU, ...), else None (CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return None if acc.device_name() == "cpu" else acc
+
+
 def rng_state() -> dict:
+    acc = _device_accelerator()
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "accelerator": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "accelerator": acc.get_rng_state() if acc else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("accelerator") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["accelerator"])
+    acc = _device_accelerator()
+    if state.get("accelerator") is not None and acc:
+        acc.set_rng_state(state["accelerator"])
 
 
 def gather(obj) -> list:
@@ -88,7 +98,9 @@ def save(engine, ckpt_dir: str, step: int, loader_state: dict, run_config: dict,
     if engine.global_rank == 0:
         marker = os.path.join(ckpt_dir, tag, COMPLETE)
         with open(marker + ".tmp", "w") as f:
-            json.dump({"step": step, "world_size": engine.world_size}, f)
+            # what a resume must agree with, readable without loading the checkpoint (setup._check_resumable)
+            json.dump({"step": step, "world_size": engine.world_size, "model": run_config.get("model"),
+                       "tokenizer_sha256": run_config.get("tokenizer", {}).get("sha256")}, f)
         os.replace(marker + ".tmp", marker)
         _prune(ckpt_dir, keep_last)
     if dist.is_initialized():

@@ -2,8 +2,9 @@
 
 One source of truth: the DeepSpeed JSON gives defaults, flags that are set override them, and the result —
 the *resolved* config — is what the engine gets, what the loop reads (batch sizes, lr, steps) and what is
-printed and saved with the run (``runs/<name>/ds_config.json``). A flag that contradicts a value fixed in
-the JSON (``train_batch_size``) is an error, not a silent winner.
+printed and saved with the run (``runs/<name>/ds_config.json``). ``train_batch_size`` fixed in the JSON must
+agree with micro batch x accumulation x ranks unless a batch flag is given (then the flags win, and the saved
+config says so).
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def resolve_ds_config(ds: dict, args: argparse.Namespace, world_size: int, steps
         if not steps_per_epoch:
             raise RunConfigError("cannot derive the number of steps: pass --max-steps")
         args.max_steps = max(1, int(args.epochs * steps_per_epoch // accum))
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
+    warmup = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 20
     if warmup > args.max_steps:
         raise RunConfigError(f"--warmup-steps {warmup} exceeds --max-steps {args.max_steps}")
+    warmup = max(2, warmup)  # DeepSpeed's WarmupCosineLR warms up for at least 2 steps: save what really runs
     sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     if sched.get("type") == "WarmupCosineLR":
         sp = sched.setdefault("params", {})

@@ -43,6 +43,15 @@ def _any_rank(flag: bool, device: str) -> bool:
     return bool(t.item() > 0)
 
 
+def _mean_over_ranks(values: dict, keys: tuple[str, ...], device: str, world: int) -> dict:
+    """``values`` with ``keys`` averaged over the ranks (each rank's loss covers only its share of the batch)."""
+    if world == 1 or not dist.is_initialized():
+        return values
+    t = torch.tensor([values[k] or 0.0 for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {**values, **{k: None if values[k] is None else v / world for k, v in zip(keys, t.tolist())}}
+
+
 def _to_device(batch: dict, device: str, image_dtype: torch.dtype) -> dict:
     out = {}
     for k, v in batch.items():
@@ -185,8 +194,9 @@ def train(run: Run, engine, model) -> dict:
                 trace.write(json.dumps({"step": step, "keys": keys, **{k: values[k] for k in sums}}) + "\n")
                 trace.flush()
             log_now = step % args.log_every == 0 or step == max_steps or step == 1
-            if log_now:
-                metrics.step(step, max_steps, values, global_batch, seconds, stream.wait, console=True)
+            if log_now:  # the same steps on every rank: the mean is a collective
+                logged = _mean_over_ranks(values, tuple(sums), run.device, run.world_size)
+                metrics.step(step, max_steps, logged, global_batch, seconds, stream.wait, console=True)
             if args.vis_every and (step % args.vis_every == 0 or step == max_steps):
                 metrics.visualise(step, run.model_cfg, batch, out, decode)
             if step % args.save_every == 0 or step == max_steps:

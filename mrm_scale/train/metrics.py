@@ -1,4 +1,5 @@
 """Metrics: TensorBoard (rank 0), console progress line, throughput/MFU accounting and the visualisations.
+The logged losses are the mean over all ranks (the whole global batch), not rank 0's share.
 
 Scalars: ``loss/total``, ``loss/image``, ``loss/report``, ``lr``, ``grad_norm``, ``throughput/samples_per_s``,
 ``throughput/tflops_per_device``, ``throughput/mfu``, ``time/data_wait_fraction``, ``memory/max_allocated_gb``,
@@ -20,8 +21,9 @@ KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0
 
 def measure_matmul_tflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 0.5) -> float:
     """Achieved TFLOP/s of a large square matmul in ``dtype`` on this device (the practical peak)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG streams
+    a = torch.rand(n, n, generator=g).to(device, dtype)
+    b = torch.rand(n, n, generator=g).to(device, dtype)
     a @ b  # warm-up
     runs, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or runs < 2:

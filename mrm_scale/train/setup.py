@@ -24,6 +24,7 @@ import torch.distributed as dist
 from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
+from mrm_scale.model.presets import SHAPE_FIELDS
 from mrm_scale.ports import free_port
 
 from . import checkpoint
@@ -58,6 +59,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _from_rank0(fn):
+    """``fn()`` runs on rank 0 only; every rank returns its result, or fails with its error. For decisions that
+    must not differ between ranks (which checkpoint to resume) and for work only rank 0 does (the demo corpus):
+    nodes that see files differently, or a failing rank 0, cannot leave the other ranks waiting in a barrier."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            if not dist.is_initialized():
+                raise
+            error = e
+    if dist.is_initialized():
+        box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunConfigError(f"rank 0 failed: {message}")
+    return result
+
+
 def start_distributed() -> tuple[int, int, int, str]:
     """Initialise the process group through DeepSpeed (nccl on GPUs, gloo on CPU); (rank, world, local, device)."""
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -83,7 +107,7 @@ def start_distributed() -> tuple[int, int, int, str]:
     return rank, world, local, device
 
 
-def prepare_demo_if_needed(shards: str, demo_num: int, seed: int, rank: int) -> None:
+def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
     """``shards/demo`` is prepared on first use (rank 0 prepares, the others wait); other paths must exist."""
     manifest = os.path.join(shards, sf.MANIFEST)
     is_default = os.path.normpath(shards) == os.path.normpath(DEFAULT_SHARDS)
@@ -94,16 +118,19 @@ def prepare_demo_if_needed(shards: str, demo_num: int, seed: int, rank: int) -> 
             f"--shards {shards}: no manifest.json there; prepare the corpus first, e.g. "
             f"`mrm-scale prep --source csv --input training.csv --out {shards}` (only the default {DEFAULT_SHARDS} "
             "is prepared automatically)")
-    # Every rank meets the barrier below whether or not the manifest exists yet: a rank that started late could
-    # otherwise see rank 0's fresh manifest, skip the barrier, and leave the ranks one barrier apart.
-    if rank == 0 and not os.path.isfile(manifest):
+    # Every rank waits for rank 0 whether or not the manifest exists yet: a rank that started late could otherwise
+    # see rank 0's fresh manifest and go on while the others still wait.
+    def prepare() -> None:
+        if os.path.isfile(manifest):
+            return
         from mrm_scale.data.prep import PrepOptions, run_prep, summary
 
         print(f"{shards} does not exist: preparing the built-in synthetic corpus ({demo_num} records) ...", flush=True)
         res = run_prep(PrepOptions(source="synthetic", out=shards, num=demo_num, seed=seed, shard_size=32,
                                    workers=min(4, os.cpu_count() or 1), progress=False))
         print(summary(res), flush=True)
-    _barrier()
+
+    _from_rank0(prepare)
 
 
 def setup_run(args: argparse.Namespace) -> Run:
@@ -132,7 +159,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     name = args.name or f"mrm-{args.preset}"
     run_dir = os.path.join(args.out_root, name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    prepare_demo_if_needed(args.shards, args.demo_num, args.seed, rank)
+    prepare_demo_if_needed(args.shards, args.demo_num, args.seed)
     with open(os.path.join(args.shards, sf.MANIFEST)) as f:
         manifest = json.load(f)
     if int(manifest["max_tokens"]) != model_cfg.max_tokens:
@@ -153,7 +180,8 @@ def setup_run(args: argparse.Namespace) -> Run:
         raise RunConfigError(str(e)) from None
 
     ds_config = resolve_ds_config(ds_json, args, world, steps_per_epoch, run_dir)
-    resume_from = checkpoint.find_resume(ckpt_dir, args.resume) if args.resume else None
+    # Rank 0 decides: every rank must load the same tag, even where nodes see the folder at different moments.
+    resume_from = _from_rank0(lambda: checkpoint.find_resume(ckpt_dir, args.resume)) if args.resume else None
     run = Run(args=args, rank=rank, world_size=world, local_rank=local, device=device, run_dir=run_dir,
               ckpt_dir=ckpt_dir, manifest=manifest, model_cfg=model_cfg, ds_config=ds_config,
               loader_cfg=loader_cfg, resume_from=resume_from)
@@ -200,15 +228,23 @@ def _check_resumable(run: Run) -> None:
         raise RunConfigError(
             f"{ckpt} was written by {info.get('world_size')} ranks, this run has {run.world_size}: resume with "
             f"{info.get('world_size')} ranks (each rank's data position is stored), or start a new --name")
-    saved = os.path.join(run.run_dir, "run_config.json")
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            old = json.load(f)
-        if old.get("tokenizer", {}).get("sha256") != run.manifest["tokenizer"]["sha256"]:
-            raise RunConfigError(
-                f"{ckpt} was trained on shards with tokenizer sha256 {old['tokenizer'].get('sha256')}, but "
-                f"{run.args.shards} uses {run.manifest['tokenizer']['sha256']}: the vocabulary would not match; "
-                "resume on the same shards or start a new --name")
+    old_model = info.get("model") or {}
+    new_model = run.model_cfg.to_dict()
+    differ = [f"{k}={old_model[k]!r} (this run: {new_model.get(k)!r})" for k in SHAPE_FIELDS
+              if k in old_model and old_model[k] != new_model.get(k)]
+    if "report_weight" in old_model and (old_model["report_weight"] > 0) != run.model_cfg.has_report_head:
+        differ.append(f"report head {'present' if old_model['report_weight'] > 0 else 'absent'} "
+                      f"(this run: {'present' if run.model_cfg.has_report_head else 'absent'}; see --report-weight)")
+    if differ:
+        raise RunConfigError(
+            f"{ckpt} holds a {old_model.get('name', '?')} model that differs from this run's "
+            f"{run.model_cfg.name}: {', '.join(differ)}; resume with the same --preset and size flags, "
+            "or start a new --name")
+    old_tok, new_tok = info.get("tokenizer_sha256"), run.manifest["tokenizer"]["sha256"]
+    if old_tok and old_tok != new_tok:
+        raise RunConfigError(
+            f"{ckpt} was trained on shards with tokenizer sha256 {old_tok}, but {run.args.shards} uses {new_tok}: "
+            "the vocabulary would not match; resume on the same shards or start a new --name")
 
 
 def build_loader_for(run: Run, state: dict | None):
