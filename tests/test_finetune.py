@@ -103,6 +103,10 @@ def test_label_efficiency_experiment_smoke(tmp_path):
             assert [r["seed"] for r in cell["runs"]] == [0, 1, 2]
             assert cell["test_mean_auc"]["n"] == 3 and 0 <= cell["test_mean_auc"]["mean"] <= 1
     assert res["arms"]["mrm"]["pretraining"]["final_losses"]["report_loss"] is not None
+    for frac in res["settings"]["fractions"]:  # each probe's labelled subset is saved beside the results
+        for r in res["arms"]["mrm"]["fractions"][f"{frac:g}"]["runs"]:
+            keys = (tmp_path / "subsets" / f"fraction{frac:g}_seed{r['seed']}.txt").read_text().split()
+            assert len(keys) == r["train_samples"] == len(set(keys))
     table = (tmp_path / "results.md").read_text()
     for label in ("MRM (image + report", "MAE (image only", "none (random init)"):
         assert label in table

@@ -200,6 +200,14 @@ def extract(model, data, size: int, channels: int, workers: int) -> torch.Tensor
     return torch.cat(out)
 
 
+def _save_subset(out: str, fraction: float, seed: int, keys: list[str]) -> None:
+    """The labelled subset a probe used, beside the results (the same list for every encoder)."""
+    folder = os.path.join(out, "subsets")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"fraction{fraction:g}_seed{seed}.txt"), "w") as f:
+        f.write("\n".join(keys) + "\n")
+
+
 def summarise(values: list[float]) -> dict:
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     return {"mean": float(arr.mean()) if arr.size else None, "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
@@ -309,6 +317,7 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
             runs = []
             for seed in s["seeds"]:
                 idx = draw_subset(train.keys, train.labels, f, seed)
+                _save_subset(out, f, seed, [train.keys[i] for i in idx])
                 fit = fit_linear_probe(feats["train"][idx], torch.from_numpy(train.labels[idx]), feats["val"],
                                        val.labels, classes, epochs=s["probe_epochs"], seed=seed)
                 te = auc_table(test.labels, apply_head(fit["head"], feats["test"]), classes)
@@ -320,8 +329,8 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
                 "val_mean_auc": summarise([r["val_mean_auc"] for r in runs]),
                 "train_samples": runs[0]["train_samples"]}
             st = per_fraction[f"{f:g}"]["test_mean_auc"]
-            print(f"[experiment] {arm} @ {100 * f:g}% labels: test mean AUC {st['mean']:.3f} ± {st['std']:.3f}",
-                  flush=True)
+            shown = "n/a (no class with both labels in test)" if st["mean"] is None else f"{st['mean']:.3f} ± {st['std']:.3f}"
+            print(f"[experiment] {arm} @ {100 * f:g}% labels: test mean AUC {shown}", flush=True)
         arms[arm] = {"label": ARM_LABEL[arm], "fractions": per_fraction, **({"pretraining": pre[arm]}
                                                                             if arm in pre else {})}
     results = {

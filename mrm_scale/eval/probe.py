@@ -186,7 +186,8 @@ def _fit_linear_probe(train_x, train_y, val_x, val_y, classes, *, epochs, lr, we
                 scores = torch.sigmoid(head(xv)).numpy()
             table = auc_table(val_y, scores, classes)
             m = table["mean_auc"] if table["mean_auc"] is not None else float("nan")
-            history.append({"epoch": epoch, "train_loss": float(loss.detach()), "val_mean_auc": m})
+            history.append({"epoch": epoch, "train_loss": float(loss.detach()),
+                            "val_mean_auc": None if math.isnan(m) else m})  # None: results.json stays strict JSON
             if callback:
                 callback(epoch, float(loss.detach()), table)
             if best_state is None or (not math.isnan(m) and m > best["mean_auc"]):
