@@ -446,6 +446,20 @@ def test_cli_prep_strict_and_verify_exit_codes(corpus, tmp_path):
     assert v.returncode == 1 and f"{idx.name}: index does not match" in v.stdout
 
 
+def test_verify_lists_a_damaged_tokenizer_or_manifest(corpus, tmp_path):
+    root, _, _ = corpus
+    out = tmp_path / "out"
+    run_prep(opts(input=str(root / "train.csv"), out=str(out)))
+    (out / "tokenizer.json").write_text("{ not a tokenizer")
+    problems, _ = verify_dir(str(out))
+    assert any("tokenizer.json: not a readable tokenizer" in p and "re-run prep" in p for p in problems), problems
+    m = json.loads((out / sf.MANIFEST).read_text())
+    del m["max_tokens"]
+    (out / sf.MANIFEST).write_text(json.dumps(m))
+    problems, _ = verify_dir(str(out))
+    assert any("no max_tokens entry" in p for p in problems), problems
+
+
 def test_synthetic_shards_read_by_webdataset_and_dali(tmp_path):
     """The issue's acceptance: 64 synthetic samples in shards of 16, verify OK, tar lists the members, and both
     `webdataset.WebDataset` and DALI's `fn.readers.webdataset` (CPU, written index files) read every sample."""
