@@ -74,8 +74,12 @@ SCALARS = ["loss/total", "loss/image", "loss/report", "lr", "grad_norm", "throug
 
 
 def test_zero2_two_ranks_tensorboard_and_checkpoint(shards, tmp_path):
-    _, out = run(deepspeed_cmd("zero2.json", "--shards", shards, "--out-root", str(tmp_path), "--name", "z2",
-                               "--max-steps", "6", "--vis-every", "3", "--save-every", "3", "--keep-last", "1"))
+    cmd = deepspeed_cmd("zero2.json", "--shards", shards, "--out-root", str(tmp_path), "--name", "z2",
+                        "--max-steps", "6", "--vis-every", "3", "--save-every", "3", "--keep-last", "1")
+    _, out = run(cmd)
+    port = cmd[cmd.index("--master_port") + 1]
+    # DeepSpeed's CPU all-reduce buffers (one /dev/shm file per rank) are not left behind
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     run_dir = tmp_path / "z2"
     acc = tb_tags(str(run_dir))
     tags = acc.Tags()

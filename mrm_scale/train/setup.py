@@ -94,6 +94,7 @@ def start_distributed() -> tuple[int, int, int, str]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    _release_shm_name(rank)
     local = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
     if acc.device_name() != "cpu":
@@ -105,6 +106,20 @@ def start_distributed() -> tuple[int, int, int, str]:
         if "OMP_NUM_THREADS" not in os.environ or int(os.environ["OMP_NUM_THREADS"]) < 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return rank, world, local, device
+
+
+def _release_shm_name(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce gives every rank a /dev/shm file (~70 MB) that it never removes:
+    runs would pile them up until memory runs out. Once every rank has mapped every rank's file (they do so while
+    initialising; the barrier proves all are past it), each rank removes its own name. The mapping lives on until
+    the processes exit, so even a killed run leaves nothing behind."""
+    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                                    f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    _barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # not a single-node CPU run: DeepSpeed made no such file
+        pass
 
 
 def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
