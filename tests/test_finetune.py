@@ -93,6 +93,32 @@ def test_finetune_mode_with_a_given_train_subset(shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_finetune_under_accelerate_launch_and_two_processes(shards, tmp_path):
+    """`accelerate launch` (one process) and a real 2-process data-parallel group (torchrun, gloo): the same
+    subset, half the steps per epoch with two processes, every test sample scored once, one results.json."""
+    import shutil
+
+    from mrm_scale.ports import free_port
+
+    subset = tmp_path / "keys.txt"
+    subset.write_text("\n".join(shard_set(shards, "train").keys[:32]) + "\n")
+    job = [FINETUNE, "--mode", "finetune", "--init", "random", "--preset", "tiny", "--shards", shards,
+           "--train-subset", subset, "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "8"]
+    accelerate = shutil.which("accelerate") or "accelerate"
+    run([accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(free_port()), *job, "--out", tmp_path / "one"])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         *job, "--out", tmp_path / "two"])
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one["hyper"]["processes"], two["hyper"]["processes"]) == (1, 2)
+    assert (one["history"][-1]["step"], two["history"][-1]["step"]) == (4, 2)  # 32 samples, batch 8 per process
+    for res in (one, two):
+        assert res["train_subset"]["samples"] == 32 and res["test"]["mean_auc"] is not None
+        assert res["data"]["test"]["samples"] == one["data"]["test"]["samples"]
+
+
+@pytest.mark.slow
 def test_label_efficiency_experiment_smoke(tmp_path):
     run([sys.executable, "-m", "mrm_scale.cli", "experiment", "label-efficiency", "--smoke", "--out", tmp_path])
     res = json.loads((tmp_path / "results.json").read_text())
