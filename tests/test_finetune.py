@@ -128,7 +128,13 @@ def test_label_efficiency_experiment_smoke(tmp_path):
             cell = arm["fractions"][f"{frac:g}"]
             assert [r["seed"] for r in cell["runs"]] == [0, 1, 2]
             assert cell["test_mean_auc"]["n"] == 3 and 0 <= cell["test_mean_auc"]["mean"] <= 1
-    assert res["arms"]["mrm"]["pretraining"]["final_losses"]["report_loss"] is not None
+    for arm in ("mrm", "mae"):  # one pretraining per arm and seed, each with its own seed
+        runs = res["arms"][arm]["pretraining"]["runs"]
+        assert sorted(runs) == ["0", "1", "2"]
+        cfgs = [json.loads((tmp_path / "runs" / f"{arm}-s{seed}" / "run_config.json").read_text()) for seed in runs]
+        assert [c["args"]["seed"] for c in cfgs] == [0, 1, 2]
+    assert all(r["final_losses"]["report_loss"] is not None for r in res["arms"]["mrm"]["pretraining"]["runs"].values())
+    assert len(res["arms"]["mrm"]["pretraining"]["conditioning"]["per_seed"]) == 3
     for frac in res["settings"]["fractions"]:  # each probe's labelled subset is saved beside the results
         for r in res["arms"]["mrm"]["fractions"][f"{frac:g}"]["runs"]:
             keys = (tmp_path / "subsets" / f"fraction{frac:g}_seed{r['seed']}.txt").read_text().split()
@@ -139,9 +145,9 @@ def test_label_efficiency_experiment_smoke(tmp_path):
     assert " ± " in table
     assert (tmp_path / "auc_vs_fraction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the image-only arm exports no report model, and says so
-    assert not (tmp_path / "exports" / "mae" / "report_model").exists()
-    assert "no report model" in (tmp_path / "exports" / "mae" / "README.md").read_text()
-    assert (tmp_path / "exports" / "mrm" / "report_model" / "config.json").is_file()
+    assert not (tmp_path / "exports" / "mae-s0" / "report_model").exists()
+    assert "no report model" in (tmp_path / "exports" / "mae-s0" / "README.md").read_text()
+    assert (tmp_path / "exports" / "mrm-s0" / "report_model" / "config.json").is_file()
 
 
 @pytest.mark.realdata

@@ -7,17 +7,20 @@ out in the report), three ``tiny`` image encoders are compared:
 - ``mae``   image-only masked-image pretraining (λ = 0, ``--report-weight 0``): the same encoder, decoder, data,
             steps, batch, learning rate and seed; it lacks only the report head (so it spends less compute per
             step: the comparison equalises the image-side compute and the samples seen);
-- ``none``  no pretraining: the same encoder with its initial weights (MAE-style init, torch seed 0).
+- ``none``  no pretraining: the same encoder with its initial weights (MAE-style init from the seed).
 
 Both pretrainings run the real trainer as a subprocess (``deepspeed --num_gpus N launch/pretrain.py`` with
 ``ds_configs/zero2.json``; a plain one-rank ``python launch/pretrain.py`` when ``--nproc 1``) and are exported
-with ``mrm-scale export``'s code. Each encoder is then linearly probed (frozen encoder, mean-pooled patch tokens,
-standardised linear head, best epoch by validation AUC) with 1%, 10% and 100% of the training labels, each over
-several seeds (seed = which labelled subset, and the head's init). The corpus' val split is cut in two fixed
-halves: validation (epoch selection) and test (reported). Outputs in ``DIR``: ``results.json``, ``results.md``
+with ``mrm-scale export``'s code. Everything is repeated per seed (default 0, 1, 2): the seed is the pretraining
+run's seed (initial weights, masks, data order), the ``none`` encoder's init, the labelled subset and the probe
+head's init, so the spread covers pretraining as well as the probe. Each encoder is linearly probed (frozen
+encoder, mean-pooled patch tokens, standardised linear head, best epoch by validation AUC) with 1%, 10% and 100%
+of the training labels. The corpus' val split is cut in two fixed halves: validation (epoch selection) and test
+(reported). Outputs in ``DIR``: ``results.json``, ``results.md``
 (mean ± std of the test mean AUC per encoder × fraction) and ``auc_vs_fraction.png``.
 
 Re-running on the same ``--out`` reuses the prepared corpus and finished pretraining runs (the trainer resumes).
+The labelled subsets are saved in ``DIR/subsets/``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ ARMS = ("mrm", "mae", "none")
 ARM_LABEL = {"mrm": "MRM (image + report, λ=1)", "mae": "MAE (image only, λ=0)", "none": "none (random init)"}
 
 # sized for <= 45 min on 2 CPU cores (see README "Export and evaluation" for the measured wall time)
-FULL = dict(records=4000, synthetic_size=256, image_size=128, val_fraction=0.25, shard_size=64, steps=3000,
+FULL = dict(records=4000, synthetic_size=256, image_size=128, val_fraction=0.25, shard_size=64, steps=1500,
             micro_batch=16, lr=2e-3, warmup_steps=100, seeds="0,1,2", fractions="0.01,0.1,1.0", probe_epochs=300)
 SMOKE = dict(records=96, synthetic_size=128, image_size=128, val_fraction=0.34, shard_size=8, steps=3,
              micro_batch=4, lr=1e-3, warmup_steps=1, seeds="0,1,2", fractions="0.1,1.0", probe_epochs=30)
@@ -61,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="pretraining learning rate (both arms)")
     p.add_argument("--nproc", type=int, default=None, help="pretraining ranks (default 2; smoke 1)")
-    p.add_argument("--seeds", default=None, help="probe seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--seeds", default=None, help="seeds, comma-separated (default 0,1,2): one pretraining per arm "
+                   "and seed, and the probes' subsets and heads")
     p.add_argument("--fractions", default=None, help="label fractions (default 0.01,0.1,1.0)")
     p.add_argument("--probe-epochs", type=int, default=None)
     p.add_argument("--workers", type=int, default=2, help="image decoding workers for feature extraction")
@@ -94,12 +98,13 @@ def prepare_corpus(out: str, s: dict) -> str:
     return shards
 
 
-def _start_pretraining(out: str, shards: str, arm: str, s: dict):
-    """Start (or resume) the trainer for one arm; None when the run already finished."""
-    run_dir = os.path.join(out, "runs", arm)
+def _start_pretraining(out: str, shards: str, arm: str, seed: int, s: dict):
+    """Start (or resume) the trainer for one arm and seed; None when the run already finished."""
+    name = f"{arm}-s{seed}"
+    run_dir = os.path.join(out, "runs", name)
     done = os.path.join(run_dir, "checkpoints", f"step{s['steps']:08d}", "COMPLETE.json")
     if os.path.isfile(done):
-        print(f"[experiment] {arm}: reusing the finished run {run_dir}", flush=True)
+        print(f"[experiment] {name}: reusing the finished run {run_dir}", flush=True)
         return None
     script = os.path.join(REPO, "launch", "pretrain.py")
     config = os.path.join(REPO, "ds_configs", "zero2.json")
@@ -108,8 +113,8 @@ def _start_pretraining(out: str, shards: str, arm: str, s: dict):
                                 "checkout of mrm-scale")
     flags = ["--deepspeed", config, "--preset", "tiny", "--image-size", str(s["image_size"]),
              "--report-weight", "1" if arm == "mrm" else "0", "--shards", shards, "--out-root",
-             os.path.join(out, "runs"), "--name", arm, "--max-steps", str(s["steps"]), "--micro-batch",
-             str(s["micro_batch"]), "--lr", str(s["lr"]), "--warmup-steps", str(s["warmup_steps"]), "--seed", "0",
+             os.path.join(out, "runs"), "--name", name, "--max-steps", str(s["steps"]), "--micro-batch",
+             str(s["micro_batch"]), "--lr", str(s["lr"]), "--warmup-steps", str(s["warmup_steps"]), "--seed", str(seed),
              "--save-every", str(s["steps"]), "--keep-last", "1", "--vis-every", "0", "--workers", "1",
              "--log-every", str(max(1, s["steps"] // 20)), "--backend", "wds"]
     if s["nproc"] > 1:
@@ -122,8 +127,8 @@ def _start_pretraining(out: str, shards: str, arm: str, s: dict):
                PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // s["nproc"])))
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    log_path = os.path.join(out, "logs", f"pretrain_{arm}.log")
-    print(f"[experiment] {arm}: pretraining {s['steps']} steps ({s['nproc']} rank(s)); log {log_path}", flush=True)
+    log_path = os.path.join(out, "logs", f"pretrain_{name}.log")
+    print(f"[experiment] {name}: pretraining {s['steps']} steps ({s['nproc']} rank(s)); log {log_path}", flush=True)
     logf = open(log_path, "a")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
     return {"proc": proc, "log": log_path, "logf": logf, "done": done, "t0": time.time()}
@@ -141,25 +146,26 @@ def _finish_pretraining(arm: str, job) -> float | None:
     return round(time.time() - job["t0"], 1)
 
 
-def pretrain_arms(out: str, shards: str, s: dict) -> dict[str, dict]:
-    """Both pretrainings; one after the other, or side by side when each has one rank and there are cores
-    for both (``--smoke``)."""
+def pretrain_arms(out: str, shards: str, s: dict) -> dict[tuple[str, int], dict]:
+    """Both pretrainings for every seed; one after the other, or MRM and MAE side by side when each has one
+    rank and there are cores for both (``--smoke``)."""
     arms = ("mrm", "mae")
     walls = {}
-    if s["nproc"] == 1 and (os.cpu_count() or 1) >= 2:
-        jobs = {arm: _start_pretraining(out, shards, arm, s) for arm in arms}
-        try:
+    for seed in s["seeds"]:
+        if s["nproc"] == 1 and (os.cpu_count() or 1) >= 2:
+            jobs = {arm: _start_pretraining(out, shards, arm, seed, s) for arm in arms}
+            try:
+                for arm in arms:
+                    walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", jobs[arm])
+            finally:
+                for job in jobs.values():
+                    if job is not None and job["proc"].poll() is None:
+                        job["proc"].kill()
+        else:
             for arm in arms:
-                walls[arm] = _finish_pretraining(arm, jobs[arm])
-        finally:
-            for job in jobs.values():
-                if job is not None and job["proc"].poll() is None:
-                    job["proc"].kill()
-    else:
-        for arm in arms:
-            walls[arm] = _finish_pretraining(arm, _start_pretraining(out, shards, arm, s))
-    return {arm: {"run_dir": os.path.join(out, "runs", arm), "wall_s": walls[arm], "reused": walls[arm] is None}
-            for arm in arms}
+                walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", _start_pretraining(out, shards, arm, seed, s))
+    return {(arm, seed): {"run_dir": os.path.join(out, "runs", f"{arm}-s{seed}"), "wall_s": wall, "reused": wall is None}
+            for (arm, seed), wall in walls.items()}
 
 
 @torch.no_grad()
@@ -226,20 +232,20 @@ def write_table(path: str, results: dict) -> str:
         lines.append(f"| {ARM_LABEL[arm]} | " + " | ".join(cells) + " |")
     s = results["settings"]
     meta = (f"Test mean ROC AUC over {len(results['classes'])} classes ({results['data']['test']} test samples), "
-            f"mean ± std over seeds {s['seeds']} (seed = labelled subset and head init); linear probe on the "
-            f"frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} synthetic records "
+            f"mean ± std over seeds {s['seeds']} (seed = pretraining run, random init of none, labelled subset and "
+            f"head init); linear probe on the frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} synthetic records "
             f"({results['data']['train']} train), tiny preset at {s['image_size']} px high-res / "
             f"{s['image_size'] // 2} px encoder input; pretraining {s['steps']} steps x {results['global_batch']} "
-            f"per arm. Wall time {results['wall_s'] / 60:.1f} min.")
+            f"per arm and seed. Wall time {results['wall_s'] / 60:.1f} min.")
     pre = {a: results["arms"][a]["pretraining"] for a in ("mrm", "mae")}
-    walls = ", ".join(f"{a.upper()} {pre[a]['wall_s']:.0f} s" for a in pre if pre[a].get("wall_s") is not None)
+    walls = ", ".join(f"{a.upper()} {pre[a]['wall_s']:.0f} s" for a in pre if pre[a].get("wall_s"))
     meta += (f" Equal budget = same steps, batch, samples and image-side compute; training cost per sample MRM "
              f"{pre['mrm']['train_gflops_per_sample']} vs MAE {pre['mae']['train_gflops_per_sample']} GFLOP"
-             + (f" (pretraining wall: {walls})" if walls else "") + ".")
+             + (f" (pretraining wall, all seeds: {walls})" if walls else "") + ".")
     cond = pre["mrm"].get("conditioning")
     if cond:
-        meta += (f" MRM's report loss on val: {cond['report_loss_own_image']:.3f} with the record's own image, "
-                 f"{cond['report_loss_other_image']:.3f} with another record's image.")
+        meta += (f" MRM's report loss on val (mean over seeds): {cond['report_loss_own_image']:.3f} with the "
+                 f"record's own image, {cond['report_loss_other_image']:.3f} with another record's image.")
     text = "\n".join(lines) + "\n\n" + meta + "\n"
     with open(path, "w") as f:
         f.write("# Label efficiency: MRM vs image-only MAE vs no pretraining\n\n" + text)
@@ -281,12 +287,14 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     os.makedirs(out, exist_ok=True)
     shards = prepare_corpus(out, s)
     prep_s = time.time() - t0
-    pre = {}
-    for arm, info in pretrain_arms(out, shards, s).items():
-        exp_dir = os.path.join(out, "exports", arm)
+    pre: dict = {arm: {"runs": {}} for arm in ("mrm", "mae")}
+    for (arm, seed), info in pretrain_arms(out, shards, s).items():
+        name = f"{arm}-s{seed}"
+        exp_dir = os.path.join(out, "exports", name)
         meta = export(info["run_dir"], exp_dir, overwrite=True)
-        pre[arm] = {**info, "export": exp_dir, "step": meta["source"]["step"], "final_losses": meta["final_losses"]}
-        print(f"[experiment] {arm}: exported to {exp_dir}; final losses {meta['final_losses']}", flush=True)
+        pre[arm]["runs"][str(seed)] = {**info, "export": exp_dir, "step": meta["source"]["step"],
+                                       "final_losses": meta["final_losses"]}
+        print(f"[experiment] {name}: exported to {exp_dir}; final losses {meta['final_losses']}", flush=True)
 
     from mrm_scale.model.flops import formula_training_flops
 
@@ -294,7 +302,11 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     for arm in pre:
         arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0)
         pre[arm]["train_gflops_per_sample"] = round(formula_training_flops(arm_cfg, vocab_size=vocab)["total"] / 1e9, 4)
-    pre["mrm"]["conditioning"] = report_conditioning(pre["mrm"]["export"], shards, s["image_size"])
+        walls = [r["wall_s"] for r in pre[arm]["runs"].values()]
+        pre[arm]["wall_s"] = None if None in walls else round(sum(walls), 1)
+    conds = [report_conditioning(r["export"], shards, s["image_size"]) for r in pre["mrm"]["runs"].values()]
+    pre["mrm"]["conditioning"] = {k: float(np.mean([c[k] for c in conds])) for k in conds[0]}
+    pre["mrm"]["conditioning"]["per_seed"] = conds
     print(f"[experiment] mrm report head, val: {pre['mrm']['conditioning']}", flush=True)
 
     train = shard_set(shards, "train")
@@ -303,27 +315,29 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     cfg = get_preset("tiny", img_size=s["image_size"], report_weight=0.0)
     arms: dict = {}
     for arm in ARMS:
-        torch.manual_seed(0)
-        model = Classifier(cfg, len(classes))  # "none" keeps this MAE-style init (torch seed 0)
-        if arm != "none":
-            ecfg, sd, _ = load_encoder_weights(pre[arm]["export"])
-            init_encoder_weights(model.encoder, sd)
-        t1 = time.time()
-        feats = {name: extract(model, d, cfg.img_size, cfg.in_chans, workers)
-                 for name, d in (("train", train), ("val", val), ("test", test))}
-        print(f"[experiment] {arm}: features in {time.time() - t1:.0f} s", flush=True)
-        per_fraction = {}
-        for f in s["fractions"]:
-            runs = []
-            for seed in s["seeds"]:
+        runs_by_fraction: dict[float, list] = {f: [] for f in s["fractions"]}
+        for seed in s["seeds"]:
+            torch.manual_seed(seed)
+            model = Classifier(cfg, len(classes))  # "none" keeps this MAE-style init
+            if arm != "none":
+                ecfg, sd, _ = load_encoder_weights(pre[arm]["runs"][str(seed)]["export"])
+                init_encoder_weights(model.encoder, sd)
+            t1 = time.time()
+            feats = {name: extract(model, d, cfg.img_size, cfg.in_chans, workers)
+                     for name, d in (("train", train), ("val", val), ("test", test))}
+            print(f"[experiment] {arm} seed {seed}: features in {time.time() - t1:.0f} s", flush=True)
+            for f in s["fractions"]:
                 idx = draw_subset(train.keys, train.labels, f, seed)
                 _save_subset(out, f, seed, [train.keys[i] for i in idx])
                 fit = fit_linear_probe(feats["train"][idx], torch.from_numpy(train.labels[idx]), feats["val"],
                                        val.labels, classes, epochs=s["probe_epochs"], seed=seed)
                 te = auc_table(test.labels, apply_head(fit["head"], feats["test"]), classes)
-                runs.append({"seed": seed, "train_samples": len(idx), "best_epoch": fit["best_epoch"],
-                             "val_mean_auc": fit["best_val"]["mean_auc"], "test_mean_auc": te["mean_auc"],
-                             "test_auc": te["auc"]})
+                runs_by_fraction[f].append({
+                    "seed": seed, "train_samples": len(idx), "best_epoch": fit["best_epoch"],
+                    "val_mean_auc": fit["best_val"]["mean_auc"], "test_mean_auc": te["mean_auc"],
+                    "test_auc": te["auc"]})
+        per_fraction = {}
+        for f, runs in runs_by_fraction.items():
             per_fraction[f"{f:g}"] = {
                 "runs": runs, "test_mean_auc": summarise([r["test_mean_auc"] for r in runs]),
                 "val_mean_auc": summarise([r["val_mean_auc"] for r in runs]),
