@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step with torch.profiler and print the top N ops (stderr)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", default=None, metavar="FLAGS",
+                   help="A/B in this process: a second step built with these flags on top of the others (e.g. "
+                   "--against '--set report_loss=all', or --against=--compile for a single flag); the two run "
+                   "alternately, step for step, and the JSON line gives both medians and the ratio")
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -229,6 +233,68 @@ def run(args: argparse.Namespace) -> int:
         mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = saved  # a module setting: not left behind in this process
 
 
+def _variant(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--against``'s flags applied on top."""
+    import copy
+    import shlex
+
+    p = argparse.ArgumentParser(prog="mrm-scale bench step --against", add_help=False)
+    add_arguments(p)
+    b = copy.deepcopy(args)
+    b.against = None
+    return p.parse_args(shlex.split(args.against), namespace=b)
+
+
+def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
+    """Two steps (A: the flags, B: the flags + ``--against``) timed alternately, A B B A ..., so both see the
+    same machine load; the module-wide CPU attention rule is switched to each side's value around its step."""
+    import torch
+
+    try:
+        b_args = _variant(args)
+    except SystemExit:
+        print(f"mrm-scale bench step: --against {args.against!r}: not flags of bench step", file=sys.stderr)
+        return 2
+    if b_args.preset != args.preset or b_args.batch != args.batch or b_args.device != args.device:
+        print("mrm-scale bench step: --against may not change --preset, --batch or --device", file=sys.stderr)
+        return 2
+    default_rule = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
+    sides = {}
+    for name, a in (("a", args), ("b", b_args)):
+        try:
+            model, optimizer, batch, cfg = build(a, device)
+        except ValueError as e:
+            print(f"mrm-scale bench step: {e}", file=sys.stderr)
+            return 2
+        rule = default_rule if a.cpu_math_attention_max_tokens is None else a.cpu_math_attention_max_tokens
+        sides[name] = dict(args=a, model=model, optimizer=optimizer, batch=batch, cfg=cfg, rule=rule, times=[],
+                           losses=[])
+    for i in range(args.warmup + args.steps):
+        for name in (("a", "b") if i % 2 == 0 else ("b", "a")):
+            side = sides[name]
+            mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = side["rule"]
+            with _sdpa_context(side["args"].sdpa):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = train_step(side["model"], side["optimizer"], side["batch"], seed=args.seed + i)
+                _sync(device)
+            side["losses"].append(float(out.loss.detach()))
+            if i >= args.warmup:
+                side["times"].append(time.perf_counter() - t0)
+    mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = default_rule
+    med = {n: statistics.median(s_["times"]) for n, s_ in sides.items()}
+    result = {
+        "bench": "step-ab", "preset": args.preset, "batch": args.batch, "device": str(device),
+        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "a": {"flags": "(as given)", "step_s": round(med["a"], 5), "loss_first": sides["a"]["losses"][0]},
+        "b": {"flags": args.against, "step_s": round(med["b"], 5), "loss_first": sides["b"]["losses"][0]},
+        "b_over_a": round(med["b"] / med["a"], 4),  # > 1: B's step is slower, A's setting is the fast path
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def _run(args: argparse.Namespace, mrm_module) -> int:
     import torch
 
@@ -242,6 +308,8 @@ def _run(args: argparse.Namespace, mrm_module) -> int:
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         print("mrm-scale bench step: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
+    if args.against:
+        return _run_ab(args, mrm_module, device)
     try:
         model, optimizer, batch, cfg = build(args, device)
     except ValueError as e:

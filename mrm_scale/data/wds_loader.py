@@ -2,9 +2,8 @@
 
 Each rank's sample range of the epoch plan (:mod:`mrm_scale.data.loader`) is split into W contiguous worker
 ranges, from our own rank/world size (``torch.distributed`` need not be initialised). A worker reads the
-tars overlapping its range - local tars with their index by offset (only the members it needs, samples
-before a resume point not at all), anything else (brace patterns, ``pipe:`` and other webdataset URLs)
-with webdataset's tar iterators - shuffles within a seeded buffer, decodes and augments (PIL decode,
+tars overlapping its range - local tars with their index by offset (only the members it needs), anything
+else (brace patterns, ``pipe:`` and other webdataset URLs) with webdataset's tar iterators - shuffles within a seeded buffer, decodes and augments (PIL decode,
 RandomResizedCrop with torchvision's parameter rule, crop then antialiased bicubic resize on uint8, flip;
 the random numbers come from (seed, epoch, key), so a sample's augmentation does not depend on rank or
 worker) and collates full batches itself. The ``DataLoader`` returns worker batches in order, round robin;
@@ -18,7 +17,8 @@ Workers are not restarted per epoch: they run on into the next epoch while the m
 current one (``close()`` stops them; an interrupted iteration simply continues with the next batch).
 
 Resume: every batch reports how many raw samples its worker has consumed; the state keeps those positions
-and a restored worker skips that many raw samples (not decoded; not even read from an indexed tar). Worker
+and a restored worker skips that many raw samples (read again, so the shuffle buffer fills exactly as before,
+but not decoded). Worker
 slots are rotated so that the first batch after the restore comes from the worker whose turn it is.
 
 Bad data: a sample that does not decode (or has malformed token members) is skipped, logged with shard

@@ -163,9 +163,10 @@ def pretrain_arms(out: str, shards: str, s: dict) -> dict[tuple[str, int], dict]
                         job["proc"].kill()
         else:
             for arm in arms:
-                walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", _start_pretraining(out, shards, arm, seed, s))
-    return {(arm, seed): {"run_dir": os.path.join(out, "runs", f"{arm}-s{seed}"), "wall_s": wall, "reused": wall is None}
-            for (arm, seed), wall in walls.items()}
+                job = _start_pretraining(out, shards, arm, seed, s)
+                walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", job)
+    return {(arm, seed): {"run_dir": os.path.join(out, "runs", f"{arm}-s{seed}"), "wall_s": wall,
+                          "reused": wall is None} for (arm, seed), wall in walls.items()}
 
 
 @torch.no_grad()
@@ -233,7 +234,8 @@ def write_table(path: str, results: dict) -> str:
     s = results["settings"]
     meta = (f"Test mean ROC AUC over {len(results['classes'])} classes ({results['data']['test']} test samples), "
             f"mean ± std over seeds {s['seeds']} (seed = pretraining run, random init of none, labelled subset and "
-            f"head init); linear probe on the frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} synthetic records "
+            f"head init); linear probe on the frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} "
+            f"synthetic records "
             f"({results['data']['train']} train), tiny preset at {s['image_size']} px high-res / "
             f"{s['image_size'] // 2} px encoder input; pretraining {s['steps']} steps x {results['global_batch']} "
             f"per arm and seed. Wall time {results['wall_s'] / 60:.1f} min.")
@@ -343,7 +345,8 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
                 "val_mean_auc": summarise([r["val_mean_auc"] for r in runs]),
                 "train_samples": runs[0]["train_samples"]}
             st = per_fraction[f"{f:g}"]["test_mean_auc"]
-            shown = "n/a (no class with both labels in test)" if st["mean"] is None else f"{st['mean']:.3f} ± {st['std']:.3f}"
+            shown = ("n/a (no class with both labels in test)" if st["mean"] is None
+                     else f"{st['mean']:.3f} ± {st['std']:.3f}")
             print(f"[experiment] {arm} @ {100 * f:g}% labels: test mean AUC {shown}", flush=True)
         arms[arm] = {"label": ARM_LABEL[arm], "fractions": per_fraction, **({"pretraining": pre[arm]}
                                                                             if arm in pre else {})}
