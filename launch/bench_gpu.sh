@@ -38,6 +38,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 START=$(date +%s)
+BUDGET="${BUDGET_S:-450}"  # the whole script stays under 8 minutes: each step's timeout is capped by what is left
+cap() { local left=$(( BUDGET - ($(date +%s) - START) )); (( left < 20 )) && left=20; echo $(( $1 < left ? $1 : left )); }
 FAILED=""
 
 if [ "$DEVICE" = cuda ]; then
@@ -69,7 +71,7 @@ echo "== results in $OUT"
 for P in $PRESETS; do
   B="BATCH_$P"; B="${!B}"
   echo "== [1] bench step: preset $P, batch $B, bf16, flash SDPA, $STEPS steps after $WARMUP warm-up"
-  if timeout 240 "$PY" -m mrm_scale.cli bench step --device "$DEVICE" --preset "$P" --batch "$B" --precision bf16 \
+  if timeout "$(cap 240)" "$PY" -m mrm_scale.cli bench step --device "$DEVICE" --preset "$P" --batch "$B" --precision bf16 \
       --sdpa flash --steps "$STEPS" --warmup "$WARMUP" 2>&1 | tee "$OUT/step_$P.log"; then
     tail -n 1 "$OUT/step_$P.log" > "$OUT/step_$P.json"
   else
@@ -79,7 +81,7 @@ done
 
 # -- 2. CUDA paths: bf16 vs fp32 losses on the same weights, batch and masks --------------------------------
 echo "== [2] loss agreement: preset $CHECK_PRESET, bf16 vs fp32 on $DEVICE"
-timeout 240 "$PY" - "$DEVICE" "$CHECK_PRESET" "$OUT/losses.json" <<'PYEOF' || FAILED="$FAILED losses"
+timeout "$(cap 240)" "$PY" - "$DEVICE" "$CHECK_PRESET" "$OUT/losses.json" <<'PYEOF' || FAILED="$FAILED losses"
 import json, sys
 
 import torch
@@ -128,10 +130,10 @@ PYEOF
 
 # -- 3. JPEG decode of synthetic shards on the GPU ----------------------------------------------------------
 echo "== [3] prep $NUM synthetic records (${SIDE}px), then decode their JPEGs on $DEVICE"
-timeout 300 "$PY" -m mrm_scale.cli prep --source synthetic --num "$NUM" --synthetic-size "$SIDE" --max-side "$SIDE" \
+timeout "$(cap 300)" "$PY" -m mrm_scale.cli prep --source synthetic --num "$NUM" --synthetic-size "$SIDE" --max-side "$SIDE" \
   --shard-size 64 --workers "$(nproc 2>/dev/null || echo 2)" --out "$OUT/shards" > "$OUT/prep.log" 2>&1 \
   || { tail -n 20 "$OUT/prep.log" >&2; FAILED="$FAILED prep"; }
-timeout 180 "$PY" - "$DEVICE" "$OUT/shards" "$OUT/decode.json" <<'PYEOF' || FAILED="$FAILED decode"
+timeout "$(cap 180)" "$PY" - "$DEVICE" "$OUT/shards" "$OUT/decode.json" <<'PYEOF' || FAILED="$FAILED decode"
 import glob, json, os, statistics, sys, time
 
 import torch
@@ -190,7 +192,6 @@ PYEOF
 "$PY" - "$OUT" "$GPU" "$(( $(date +%s) - START ))" "$PRESETS" "${FAILED:-}" <<'PYEOF'
 import glob, json, os, sys
 
-out, gpu, secs = sys.argv[1], sys.argv[2], sys.argv[3]
 out, gpu, secs, presets, failed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5].split()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,24 @@ def test_bench_step_prints_every_field(capsys, precision):
     assert len(r["step_s_all"]) == 2
     assert r["mfu"] == pytest.approx(r["achieved_gflop_s"] / r["peak_gflop_s"], rel=1e-2)
     assert r["achieved_gflop_s"] == pytest.approx(r["samples_per_s"] * r["model_gflop_per_sample"], rel=1e-2)
+
+
+def test_bench_step_ab_alternates_two_builds_in_one_process(capsys):
+    from mrm_scale.model import mrm as mrm_module
+
+    rule = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
+    base = ["bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1"]
+    assert main(base) == 0
+    plain = last_json(capsys.readouterr().out)
+    assert main([*base, "--against", "--set report_weight=0 --cpu-math-attention-max-tokens 0"]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert r["bench"] == "step-ab" and r["a"]["step_s"] > 0 and r["b"]["step_s"] > 0
+    assert r["b_over_a"] == pytest.approx(r["b"]["step_s"] / r["a"]["step_s"], rel=1e-3)
+    assert r["a"]["loss_first"] == pytest.approx(plain["loss_first"], rel=1e-5)  # A is the flags as given
+    assert r["b"]["loss_first"] < r["a"]["loss_first"] - 5  # B really is the variant: no report loss (~ln vocab)
+    assert mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS == rule  # the module setting is not left behind
+    assert main([*base, "--against", "--preset small"]) == 2
+    assert "may not change --preset" in capsys.readouterr().err
 
 
 def test_bench_step_refuses_bad_input(capsys):
@@ -84,6 +103,21 @@ def test_gpu_script_refuses_without_a_gpu():
     assert p.returncode == 3
     assert "no CUDA GPU" in p.stderr and "--device cpu" in p.stderr
     assert "bench step" not in p.stdout  # refused before any work
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """Every step of the GPU script (step bench, bf16 vs fp32 losses, prep + JPEG decode) on the CPU, with its
+    table last: the script that will meet a GPU has run end to end."""
+    p = subprocess.run(["bash", GPU_SCRIPT, "--device", "cpu", "--out", str(tmp_path)], env=ENV, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    table = p.stdout[p.stdout.index("mrm-scale GPU benchmark - cpu dry run"):]
+    assert "FAILED" not in table
+    assert "step tiny bf16" in table and "losses bf16 vs fp32" in table and "-> ok" in table
+    assert re.search(r"decode_jpeg \d+ JPEGs +\| CPU \d+ img/s", table), table
+    for name in ("step_tiny.json", "losses.json", "decode.json"):
+        assert (tmp_path / name).is_file()
 
 
 def test_cpu_attention_kernel_rule_keeps_the_numbers():

@@ -94,7 +94,6 @@ def start_distributed() -> tuple[int, int, int, str]:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    _release_shm_name(rank)
     local = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
     if acc.device_name() != "cpu":
@@ -102,6 +101,7 @@ def start_distributed() -> tuple[int, int, int, str]:
         device = f"{acc.device_name()}:{local}"
     else:
         device = "cpu"
+        _release_shm_name(rank)  # only the CPU accelerator uses DeepSpeed's shared-memory all-reduce
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if "OMP_NUM_THREADS" not in os.environ or int(os.environ["OMP_NUM_THREADS"]) < 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
