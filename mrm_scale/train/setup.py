@@ -207,8 +207,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         "tokenizer": manifest["tokenizer"], "shards": os.path.abspath(args.shards),
     }
     if resume_from:
-        _check_resumable(run)  # every rank reads the previous run_config.json ...
-        _barrier()  # ... before rank 0 replaces it below
+        _from_rank0(lambda: _check_resumable(run))  # reads the checkpoint's COMPLETE.json, not run_config.json
     if run.is_main:
         os.makedirs(run_dir, exist_ok=True)
         _write_json(os.path.join(run_dir, "ds_config.json"), ds_config)
