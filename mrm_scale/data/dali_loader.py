@@ -149,8 +149,7 @@ class DaliLoader(StreamingLoader):
             dev = torch.device("cuda", self.device_id)
             gray = torch.empty((B, S, S, 1), dtype=torch.uint8, device=dev)
             feed_ndarray(outs[0].as_tensor(), gray, cuda_stream=torch.cuda.current_stream(dev))
-            image = gray.view(B, 1, S, S).float().mul_(1.0 / (255.0 * sf.IMAGE_STD))
-            image = image.sub_(sf.IMAGE_MEAN / sf.IMAGE_STD).expand(-1, cfg.channels, -1, -1)
+            image = normalise_gray(gray.view(B, 1, S, S), cfg.channels)
         ids = torch.empty((B, cfg.max_tokens), dtype=torch.int32)
         flags = torch.empty((B, cfg.max_tokens), dtype=torch.uint8)
         feed_ndarray(outs[1].as_tensor(), ids)
@@ -271,13 +270,12 @@ def _index_entry(idx_path: str, line: int) -> tuple[str, str]:
     end of the tar (DALI's ``line N`` is sample N-1, the header being line 0)."""
     tar = idx_path[: -len(".idx")] + ".tar" if idx_path.endswith(".idx") else idx_path
     try:
-        with open(idx_path, encoding="utf-8") as f:
-            entries = [ln.split() for ln in f.read().splitlines()[1:]]
+        entries = sf.read_index(idx_path)
         size = os.path.getsize(tar)
-        for fields in entries:
-            if any(int(fields[i + 1]) + int(fields[i + 2]) > size for i in range(0, len(fields) - 3, 4)):
-                return tar, fields[3].split(".", 1)[0]
-        return tar, entries[line - 1][3].split(".", 1)[0]
+        for key, members in entries:
+            if any(offset + n > size for _, offset, n in members):
+                return tar, key
+        return tar, entries[line - 1][0]
     except (OSError, IndexError, ValueError):
         return tar, f"<sample {line - 1} of the index>"
 

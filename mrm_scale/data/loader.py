@@ -366,7 +366,11 @@ def normalise_gray(gray: torch.Tensor | np.ndarray, channels: int, pin: bool = F
     Two vectorised numpy passes per batch (single-threaded: no intra-op thread start-up); C=3 is the gray
     plane ``expand``-ed (a stride-0 view, no copy) - call ``.contiguous()`` where a dense tensor is needed.
     ``pin``: write into page-locked memory (when CUDA is available) for asynchronous host-to-device copies.
+    A tensor on a GPU (DALI's ``mixed`` decoder) is normalised there, in place of its float copy.
     """
+    if isinstance(gray, torch.Tensor) and gray.device.type != "cpu":
+        image = gray.float().mul_(float(_NORM_SCALE)).sub_(float(_NORM_SHIFT))
+        return image.expand(-1, channels, -1, -1) if channels != image.shape[1] else image
     src = gray.numpy() if isinstance(gray, torch.Tensor) else np.asarray(gray)
     pin = pin and torch.cuda.is_available()
     image = torch.empty(src.shape, dtype=torch.float32, pin_memory=pin) if pin else None

@@ -131,6 +131,20 @@ def write_index(tar_path: str, idx_path: str) -> None:
         f.write("\n".join(index_lines(tar_path)) + "\n")
 
 
+def read_index(idx_path: str) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """A DALI index (:func:`write_index`) read back: ``(key, [(ext, offset, size), ...])`` per sample."""
+    with open(idx_path, encoding="utf-8") as f:
+        lines = f.read().splitlines()[1:]
+    entries = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)]
+        entries.append((fields[3].partition(".")[0], members))
+    return entries
+
+
 def iter_tar_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Read a shard back as ``(key, {ext: payload})`` in tar order (raises ``tarfile.TarError`` on damage)."""
     key, parts = None, {}

@@ -184,15 +184,7 @@ def _index_entries(idx_path: str) -> list[tuple[str, list[tuple[str, int, int]]]
     tag = (idx_path, st.st_mtime_ns, st.st_size)  # a rewritten index is read again
     entries = _INDEX_CACHE.get(tag)
     if entries is None:
-        with open(idx_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()[1:]
-        entries = []
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4:
-                continue
-            members = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)]
-            entries.append((fields[3].partition(".")[0], members))
+        entries = sf.read_index(idx_path)
         if len(_INDEX_CACHE) >= 4096:
             _INDEX_CACHE.clear()
         _INDEX_CACHE[tag] = entries

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mrm_scale.data import shardformat as sf
-from mrm_scale.data.loader import labels_value, read_manifest
+from mrm_scale.data.loader import labels_value, normalise_gray, read_manifest
 
 log = logging.getLogger("mrm_scale.eval.datasets")
 
@@ -90,21 +90,6 @@ def _clean_labels(values: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # shards
 # ----------------------------------------------------------------------------------------------------------------
-def _read_index(idx_path: str) -> list[dict[str, tuple[int, int]]]:
-    """DALI index (``v1.2 N`` then ``ext offset size name`` groups per sample) -> per sample {ext: (offset, size)}."""
-    with open(idx_path) as f:
-        lines = f.read().splitlines()
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        members = {}
-        for j in range(0, len(parts) - 3, 4):
-            members[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
-        if members:
-            out.append(members)
-    return out
-
-
 def default_classes(label_dicts: list[dict]) -> list[str]:
     """Label names present in the data: the synthetic corpus' order when they are its labels, else sorted."""
     from mrm_scale.data.synthetic import LABELS
@@ -131,15 +116,15 @@ def shard_set(shards: str, split: str, classes: list[str] | None = None) -> Labe
             if not os.path.isfile(p):
                 raise DataSetError(f"{p}: listed in {where} but missing; run `mrm-scale verify {shards}`")
         with open(tar, "rb") as f:
-            for members in _read_index(idx):
-                if "jpg" not in members or "json" not in members:
+            for key, members in sf.read_index(idx):
+                where_of = {ext: (offset, n) for ext, offset, n in members}
+                if "jpg" not in where_of or "json" not in where_of:
                     raise DataSetError(f"{idx}: a sample lacks jpg/json members; run `mrm-scale verify {shards}`")
-                off, size, name = members["jpg"]
-                joff, jsize, _ = members["json"]
+                joff, jsize = where_of["json"]
                 f.seek(joff)
                 metas.append(json.loads(f.read(jsize)))
-                keys.append(name.split(".", 1)[0])
-                locations.append((tar, off, size))
+                keys.append(key)
+                locations.append((tar, *where_of["jpg"]))
     dicts = [m.get("labels") or {} for m in metas]
     if classes is None:
         classes = default_classes(dicts)
@@ -228,8 +213,6 @@ def split_file_set(path: str, image_root: str, classes: list[str] | None = None)
 # images
 # ----------------------------------------------------------------------------------------------------------------
 _EXOTIC_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
-_NORM_SCALE = np.float32(1.0 / (255.0 * sf.IMAGE_STD))
-_NORM_SHIFT = np.float32(sf.IMAGE_MEAN / sf.IMAGE_STD)
 
 
 def load_image(data: bytes, key: str, size: int, channels: int, augment: bool, seed: int = 0,
@@ -248,12 +231,8 @@ def load_image(data: bytes, key: str, size: int, channels: int, augment: bool, s
             buf = io.BytesIO()
             to_grayscale(im).save(buf, format="PNG")
             data = buf.getvalue()
-    arr = decode_image(data, key, size, augment, seed, epoch, (0.2, 1.0), (3 / 4, 4 / 3))
-    if arr.dtype == np.uint8:  # the decoder leaves normalisation to the batch: same float32 arithmetic here
-        arr = np.multiply(arr, _NORM_SCALE, dtype=np.float32)
-        arr -= _NORM_SHIFT
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    return np.repeat(arr[None], channels, axis=0) if channels > 1 else arr[None]
+    arr = decode_image(data, key, size, augment, seed, epoch, (0.2, 1.0), (3 / 4, 4 / 3))  # uint8 (S, S)
+    return normalise_gray(arr[None, None], channels)[0].contiguous().numpy()  # the loader's normalisation
 
 
 class ImageDataset(Dataset):
