@@ -110,13 +110,6 @@ class PrepResult:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
@@ -270,7 +263,7 @@ def run_prep(opt: PrepOptions) -> PrepResult:
 def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
     tok, tok_data = _tokenizer(opt, [c.report for c in by_split["train"]] or [c.report for c in usable])
     tok_meta = tokenizer_info(tok, tok_data, opt.tokenizer)
-    _write_atomic(os.path.join(opt.out, sf.TOKENIZER), tok_data)
+    sf.write_atomic(os.path.join(opt.out, sf.TOKENIZER), tok_data)
 
     plans: list[ShardPlan] = []
     for split, cands in by_split.items():
@@ -293,7 +286,7 @@ def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
         _build_shards(opt, todo, tok, tok_meta, states, pool)
 
     manifest = _manifest(opt, plans, states, tok_meta, rejected, excluded)
-    _write_atomic(os.path.join(opt.out, sf.MANIFEST), _json_bytes(manifest))
+    sf.write_atomic(os.path.join(opt.out, sf.MANIFEST), _json_bytes(manifest))
     result = PrepResult(opt.out, manifest, time.time() - t0, kept, [p.name for p in todo])
     if result.accepted == 0:
         raise PrepError(f"{opt.out}: nothing was accepted ({len(manifest['rejected'])} rejected); "
@@ -322,8 +315,8 @@ def _tokenizer(opt: PrepOptions, train_reports: list[str]):
             raise PrepError("no usable report to train a tokenizer on; fix the reports or pass --tokenizer PATH")
         tok = train_wordpiece(train_reports, opt.vocab_size)
         data = tokenizer_bytes(tok)
-        _write_atomic(saved, data)  # the vocabulary first, then the stamp that lets a re-run reuse it
-        _write_atomic(stamp, key.encode())
+        sf.write_atomic(saved, data)  # the vocabulary first, then the stamp that lets a re-run reuse it
+        sf.write_atomic(stamp, key.encode())
         return tok, data
     except (TokenizerError, OSError) as e:
         raise PrepError(f"--tokenizer: {e}") from None
@@ -392,7 +385,7 @@ def _write_shard(out: str, plan: ShardPlan, samples, rejected, stats) -> dict:
         for p in (tar, idx):
             if os.path.exists(p):
                 os.remove(p)
-    _write_atomic(_state_path(out, plan.name), _json_bytes(state))
+    sf.write_atomic(_state_path(out, plan.name), _json_bytes(state))
     return state
 
 

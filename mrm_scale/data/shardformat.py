@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from typing import Iterable, Iterator
 
@@ -124,6 +125,14 @@ def index_lines(tar_path: str) -> list[str]:
             else:
                 samples[-1].append(entry)
     return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write whole or not at all: a reader (another rank, a re-run after a kill) never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_index(tar_path: str, idx_path: str) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mrm_scale.data import shardformat as sf
+
 COMPLETE = "COMPLETE.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -97,11 +99,10 @@ def save(engine, ckpt_dir: str, step: int, loader_state: dict, run_config: dict,
         dist.barrier()
     if engine.global_rank == 0:
         marker = os.path.join(ckpt_dir, tag, COMPLETE)
-        with open(marker + ".tmp", "w") as f:
-            # what a resume must agree with, readable without loading the checkpoint (setup._check_resumable)
-            json.dump({"step": step, "world_size": engine.world_size, "model": run_config.get("model"),
-                       "tokenizer_sha256": run_config.get("tokenizer", {}).get("sha256")}, f)
-        os.replace(marker + ".tmp", marker)
+        # what a resume must agree with, readable without loading the checkpoint (setup._check_resumable)
+        sf.write_atomic(marker, json.dumps({
+            "step": step, "world_size": engine.world_size, "model": run_config.get("model"),
+            "tokenizer_sha256": run_config.get("tokenizer", {}).get("sha256")}).encode())
         _prune(ckpt_dir, keep_last)
     if dist.is_initialized():
         dist.barrier()

@@ -210,18 +210,11 @@ def setup_run(args: argparse.Namespace) -> Run:
         _from_rank0(lambda: _check_resumable(run))  # reads the checkpoint's COMPLETE.json, not run_config.json
     if run.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        _write_json(os.path.join(run_dir, "ds_config.json"), ds_config)
-        _write_json(os.path.join(run_dir, "run_config.json"), run.run_config)
+        sf.write_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2).encode())
+        sf.write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(run.run_config, indent=2).encode())
         print("resolved DeepSpeed config:\n" + json.dumps(ds_config, indent=2), flush=True)
     _barrier()
     return run
-
-
-def _write_json(path: str, obj) -> None:
-    """Write whole or not at all: a reader never sees a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def _jsonable(v) -> bool:
