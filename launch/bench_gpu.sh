@@ -84,6 +84,8 @@ echo "== [2] loss agreement: preset $CHECK_PRESET, bf16 vs fp32 on $DEVICE"
 timeout "$(cap 240)" "$PY" - "$DEVICE" "$CHECK_PRESET" "$OUT/losses.json" <<'PYEOF' || FAILED="$FAILED losses"
 import json, sys
 
+import copy
+
 import torch
 
 from mrm_scale.model import build_model
@@ -99,9 +101,7 @@ batch = synthetic_batch(ref.cfg, 4, seed=0, device=device)
 
 
 def run(dtype):
-    m = build_model(preset, **ids).train()
-    m.load_state_dict(ref.state_dict())
-    m = m.to(device=device, dtype=dtype)
+    m = copy.deepcopy(ref).to(device=device, dtype=dtype)  # the same weights, no second initialisation
     b = dict(batch, image=batch["image"].to(dtype))
     out = m(b, seed=7)  # same seed, same device: same patch and word masks
     out.loss.backward()

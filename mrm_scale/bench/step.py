@@ -210,6 +210,15 @@ def train_step(model, optimizer, batch, seed: int):
     return out
 
 
+def timed_step(model, optimizer, batch, seed: int, device) -> tuple[float, float]:
+    """(loss, seconds) of one :func:`train_step`, the device synchronised on both sides."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = train_step(model, optimizer, batch, seed=seed)
+    _sync(device)
+    return float(out.loss.detach()), time.perf_counter() - t0
+
+
 def profile_step(model, optimizer, batch, seed: int, top: int, device) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -247,7 +256,8 @@ def _variant(args: argparse.Namespace) -> argparse.Namespace:
 
 def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
     """Two steps (A: the flags, B: the flags + ``--against``) timed alternately, A B B A ..., so both see the
-    same machine load; the module-wide CPU attention rule is switched to each side's value around its step."""
+    same machine load; the module-wide CPU attention rule is switched to each side's value around its step
+    (:func:`run` restores the process's own afterwards)."""
     import torch
 
     try:
@@ -274,14 +284,10 @@ def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
             side = sides[name]
             mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = side["rule"]
             with _sdpa_context(side["args"].sdpa):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = train_step(side["model"], side["optimizer"], side["batch"], seed=args.seed + i)
-                _sync(device)
-            side["losses"].append(float(out.loss.detach()))
+                loss, dt = timed_step(side["model"], side["optimizer"], side["batch"], args.seed + i, device)
+            side["losses"].append(loss)
             if i >= args.warmup:
-                side["times"].append(time.perf_counter() - t0)
-    mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = default_rule
+                side["times"].append(dt)
     med = {n: statistics.median(s_["times"]) for n, s_ in sides.items()}
     result = {
         "bench": "step-ab", "preset": args.preset, "batch": args.batch, "device": str(device),
@@ -323,12 +329,8 @@ def _run(args: argparse.Namespace, mrm_module) -> int:
     with _sdpa_context(args.sdpa):
         times, losses = [], []
         for i in range(args.warmup + args.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = train_step(model, optimizer, batch, seed=args.seed + i)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            losses.append(float(out.loss.detach()))
+            loss, dt = timed_step(model, optimizer, batch, args.seed + i, device)
+            losses.append(loss)
             if i >= args.warmup:
                 times.append(dt)
                 peak.sample(args.peak_reps)  # interleaved: the peak sees the same machine load as the steps
