@@ -63,22 +63,21 @@ def _from_rank0(fn):
     """``fn()`` runs on rank 0 only; every rank returns its result, or fails with its error. For decisions that
     must not differ between ranks (which checkpoint to resume) and for work only rank 0 does (the demo corpus):
     nodes that see files differently, or a failing rank 0, cannot leave the other ranks waiting in a barrier."""
+    if not dist.is_initialized():
+        return fn()
     result, error = None, None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as e:
-            if not dist.is_initialized():
-                raise
             error = e
-    if dist.is_initialized():
-        box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(box, src=0)
-        result, message = box[0]
-        if error is not None:
-            raise error
-        if message is not None:
-            raise RunConfigError(f"rank 0 failed: {message}")
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0)
+    result, message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunConfigError(f"rank 0 failed: {message}")
     return result
 
 
@@ -195,19 +194,18 @@ def setup_run(args: argparse.Namespace) -> Run:
         raise RunConfigError(str(e)) from None
 
     ds_config = resolve_ds_config(ds_json, args, world, steps_per_epoch, run_dir)
-    # Rank 0 decides: every rank must load the same tag, even where nodes see the folder at different moments.
-    resume_from = _from_rank0(lambda: checkpoint.find_resume(ckpt_dir, args.resume)) if args.resume else None
     run = Run(args=args, rank=rank, world_size=world, local_rank=local, device=device, run_dir=run_dir,
-              ckpt_dir=ckpt_dir, manifest=manifest, model_cfg=model_cfg, ds_config=ds_config,
-              loader_cfg=loader_cfg, resume_from=resume_from)
+              ckpt_dir=ckpt_dir, manifest=manifest, model_cfg=model_cfg, ds_config=ds_config, loader_cfg=loader_cfg)
     run.run_config = {
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and _jsonable(v)},
         "model": model_cfg.to_dict(), "ds_config": ds_config, "world_size": world,
         "loader": {k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)},
         "tokenizer": manifest["tokenizer"], "shards": os.path.abspath(args.shards),
     }
-    if resume_from:
-        _from_rank0(lambda: _check_resumable(run))  # reads the checkpoint's COMPLETE.json, not run_config.json
+    if args.resume:
+        # Rank 0 decides which checkpoint every rank loads (nodes may see the folder at different moments) and
+        # whether resuming from it would be silently wrong.
+        run.resume_from = _from_rank0(lambda: _resume_point(run))
     if run.is_main:
         os.makedirs(run_dir, exist_ok=True)
         sf.write_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2).encode())
@@ -225,9 +223,16 @@ def _jsonable(v) -> bool:
         return False
 
 
-def _check_resumable(run: Run) -> None:
-    """Refuse, before compute, a resume that would be silently wrong."""
-    ckpt = os.path.join(*run.resume_from)
+def _resume_point(run: Run) -> tuple[str, str] | None:
+    """The checkpoint to resume from (``--resume``), checked; None to start fresh."""
+    found = checkpoint.find_resume(run.ckpt_dir, run.args.resume)
+    if found:
+        _check_resumable(run, os.path.join(*found))
+    return found
+
+
+def _check_resumable(run: Run, ckpt: str) -> None:
+    """Refuse, before compute, a resume from ``ckpt`` that would be silently wrong (reads its COMPLETE.json)."""
     path = os.path.join(ckpt, checkpoint.COMPLETE)
     with open(path) as f:
         info = json.load(f)
