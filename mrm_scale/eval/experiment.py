@@ -207,14 +207,6 @@ def extract(model, data, size: int, channels: int, workers: int) -> torch.Tensor
     return torch.cat(out)
 
 
-def _save_subset(out: str, fraction: float, seed: int, keys: list[str]) -> None:
-    """The labelled subset a probe used, beside the results (the same list for every encoder)."""
-    folder = os.path.join(out, "subsets")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"fraction{fraction:g}_seed{seed}.txt"), "w") as f:
-        f.write("\n".join(keys) + "\n")
-
-
 def summarise(values: list[float]) -> dict:
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     return {"mean": float(arr.mean()) if arr.size else None, "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
@@ -281,7 +273,7 @@ def plot(path: str, results: dict) -> None:
 def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     from mrm_scale.model import get_preset
 
-    from .datasets import draw_subset, shard_set, split_for_test
+    from .datasets import draw_subset, shard_set, split_for_test, write_subset
     from .export import export, load_encoder_weights
     from .probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
 
@@ -315,6 +307,11 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     classes = train.classes
     val, test = split_for_test(shard_set(shards, "val", classes), 0.5, 0)
     cfg = get_preset("tiny", img_size=s["image_size"], report_weight=0.0)
+    # the labelled subsets depend only on (fraction, seed): drawn once, saved beside the results, used by every arm
+    subsets = {(f, seed): draw_subset(train.keys, train.labels, f, seed) for f in s["fractions"] for seed in s["seeds"]}
+    os.makedirs(os.path.join(out, "subsets"), exist_ok=True)
+    for (f, seed), idx in subsets.items():
+        write_subset(os.path.join(out, "subsets", f"fraction{f:g}_seed{seed}.txt"), [train.keys[i] for i in idx])
     arms: dict = {}
     for arm in ARMS:
         runs_by_fraction: dict[float, list] = {f: [] for f in s["fractions"]}
@@ -322,15 +319,14 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
             torch.manual_seed(seed)
             model = Classifier(cfg, len(classes))  # "none" keeps this MAE-style init
             if arm != "none":
-                ecfg, sd, _ = load_encoder_weights(pre[arm]["runs"][str(seed)]["export"])
+                _, sd, _ = load_encoder_weights(pre[arm]["runs"][str(seed)]["export"])
                 init_encoder_weights(model.encoder, sd)
             t1 = time.time()
             feats = {name: extract(model, d, cfg.img_size, cfg.in_chans, workers)
                      for name, d in (("train", train), ("val", val), ("test", test))}
             print(f"[experiment] {arm} seed {seed}: features in {time.time() - t1:.0f} s", flush=True)
             for f in s["fractions"]:
-                idx = draw_subset(train.keys, train.labels, f, seed)
-                _save_subset(out, f, seed, [train.keys[i] for i in idx])
+                idx = subsets[f, seed]
                 fit = fit_linear_probe(feats["train"][idx], torch.from_numpy(train.labels[idx]), feats["val"],
                                        val.labels, classes, epochs=s["probe_epochs"], seed=seed)
                 te = auc_table(test.labels, apply_head(fit["head"], feats["test"]), classes)
