@@ -6,29 +6,15 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from mrm_scale.data.prep import PrepOptions, run_prep
-from mrm_scale.ports import free_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
+from test_train import deepspeed_cmd, run  # the trainer's launcher and subprocess runner
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd, check=True, timeout=600):
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
-    if check and p.returncode != 0:
-        pytest.fail(f"exit {p.returncode}: {' '.join(map(str, cmd))}\n{out[-6000:]}")
-    return p.returncode, out
 
 
 def export_cli(*args, check=True):
@@ -42,11 +28,8 @@ def pretrained(tmp_path_factory):
     shards = root / "syn"
     run_prep(PrepOptions(source="synthetic", out=str(shards), num=96, synthetic_size=128, shard_size=8,
                          val_fraction=0.2, progress=False, workers=2))
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", PRETRAIN,
-           "--deepspeed", os.path.join(REPO, "ds_configs", "zero3.json"), "--preset", "tiny", "--micro-batch", "4",
-           "--shards", str(shards), "--out-root", str(root / "runs"), "--name", "z3", "--max-steps", "3",
-           "--log-every", "1", "--vis-every", "0", "--workers", "1", "--backend", "wds", "--trace"]
-    run(cmd)
+    run(deepspeed_cmd("zero3.json", "--shards", str(shards), "--out-root", str(root / "runs"), "--name", "z3",
+                      "--max-steps", "3", "--vis-every", "0", "--backend", "wds", "--trace"))
     run_dir = root / "runs" / "z3"
     out = root / "export"
     _, log = export_cli(run_dir, "--out", out)
