@@ -161,9 +161,9 @@ def _bert_config(cfg: MRMConfig, vocab_size: int, pad_token_id: int):
 class ReportHead(nn.Module):
     """Image-conditioned BERT masked-language model.
 
-    The encoder's visible patch tokens are mean-pooled and projected to the text width (mean-then-project equals
-    project-then-mean for a linear map, and costs one matmul per sample instead of one per patch); the vector is
-    added to every word embedding of the masked report, and BERT predicts the original tokens.
+    The encoder's visible patch tokens are mean-pooled and projected to the text width; the vector is added at
+    every position to the output of BERT's embeddings module (after its LayerNorm and dropout), and BERT's layers
+    and masked-LM head predict the original tokens (as the paper's code does).
     """
 
     def __init__(self, cfg: MRMConfig, vocab_size: int, pad_token_id: int):
@@ -204,6 +204,33 @@ class ReportHead(nn.Module):
             return torch.nonzero_static(flat, size=int(n)).squeeze(1)
         return flat.nonzero().squeeze(1)
 
+    def condition(self, latent: torch.Tensor) -> torch.Tensor:
+        """The image vector (B, text_width): the encoder's visible patch tokens (class token excluded), mean-pooled,
+        then projected (mean-then-project equals project-then-mean for a linear map, one matmul per sample)."""
+        return self.image_proj(latent[:, 1:].mean(dim=1))
+
+    def embed(self, latent: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
+        """Input of the BERT layers (B, L, text_width): BERT's embeddings of the masked report (word + position +
+        type, LayerNorm, dropout), plus the image vector at every position."""
+        bert = self.mlm.bert
+        x = bert.embeddings(input_ids=masked_ids)
+        # The image vector joins *after* the embeddings' LayerNorm: added before it, the vector (many times larger
+        # than a word embedding at init) dominates every token, and the norm makes all tokens of a report alike.
+        return x + self.condition(latent).unsqueeze(1).to(x.dtype)
+
+    def encode(self, latent: torch.Tensor, masked_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the BERT layers (B, L, text_width) for the masked report conditioned on the image.
+        The layer stack is called directly with a mask built here: BertModel.forward would inspect the mask's
+        values (a host sync each step, and impossible on the meta device)."""
+        x = self.embed(latent, masked_ids)
+        # transformers re-runs a checkpointed layer outside this context: the kernel rule only without checkpointing
+        ckpt = getattr(self.mlm, "is_activation_checkpointing", None)
+        ckpt = self.mlm.is_gradient_checkpointing if ckpt is None else ckpt  # transformers < 5
+        kernels = contextlib.nullcontext() if ckpt else attention_kernels(x)
+        with kernels:
+            mask = self._attention_mask(attention_mask, x.dtype)
+            return self.mlm.bert.encoder(x, attention_mask=mask).last_hidden_state
+
     def forward(
         self,
         latent: torch.Tensor,
@@ -214,20 +241,7 @@ class ReportHead(nn.Module):
         mode: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (fp32 report loss, predicted ids (B, L): argmax at scored masked positions, else the input)."""
-        cond = self.image_proj(latent[:, 1:].mean(dim=1))  # (B, text_width)
-        bert = self.mlm.bert
-        embeds = bert.embeddings.word_embeddings(masked_ids) + cond.unsqueeze(1).to(
-            bert.embeddings.word_embeddings.weight.dtype
-        )
-        # embeddings + layer stack called directly with a mask built here: BertModel.forward would inspect the
-        # mask's values (a host sync each step, and impossible on the meta device)
-        x = bert.embeddings(inputs_embeds=embeds)
-        # transformers re-runs a checkpointed layer outside this context: the kernel rule only without checkpointing
-        ckpt = getattr(self.mlm, "is_activation_checkpointing", None)
-        ckpt = self.mlm.is_gradient_checkpointing if ckpt is None else ckpt  # transformers < 5
-        kernels = contextlib.nullcontext() if ckpt else attention_kernels(x)
-        with kernels:
-            hidden = bert.encoder(x, attention_mask=self._attention_mask(attention_mask, x.dtype)).last_hidden_state
+        hidden = self.encode(latent, masked_ids, attention_mask)
         if mode == "masked":
             rows = self._masked_rows(token_mask)
             logits = self.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
@@ -360,28 +374,70 @@ class MRM(nn.Module):
         image the pixel targets are cut from (default: ``batch["image"]``) - both for tests and analysis.
         """
         cfg = self.cfg
-        image = batch["image"]
+        self._check_image(batch["image"])
+        gen = make_generator(seed, batch["image"].device)
+        latent, ids_restore, patch_mask = self._encode_masked(batch["image"], gen)
+        pred = self.decoder(latent, ids_restore)
+        target = patchify(batch["image"] if target_image is None else target_image, cfg.out_patch_size)
+        image_loss = pixel_loss(pred, target, patch_mask, cfg.norm_pix_loss)
+
+        if self.report is None:
+            return MRMOutput(image_loss, image_loss, None, pred, patch_mask, None, None, None)
+
+        token_mask, masked_ids = self._mask_report(batch, gen)
+        input_ids = batch["input_ids"]
+        report_loss, pred_ids = self.report(
+            latent, masked_ids, batch["attention_mask"], token_mask, input_ids if labels is None else labels,
+            cfg.report_loss,
+        )
+        loss = image_loss + self.report_weight * report_loss
+        return MRMOutput(loss, image_loss, report_loss, pred, patch_mask, token_mask, masked_ids, pred_ids)
+
+    @torch.no_grad()
+    def report_token_scores(self, batch: Mapping[str, torch.Tensor], seed: int | torch.Generator | None) -> dict:
+        """Per-token view of the report branch for analysis (no pixel decoder): the same patch and word masks as
+        ``forward(batch, seed)``, then for every position ``token_mask`` (B, L) bool, ``loss`` (B, L) fp32
+        cross-entropy of the original token (0 where not masked) and ``correct`` (B, L) bool (argmax = original,
+        False where not masked)."""
+        if self.report is None:
+            raise ValueError("report_token_scores needs a report head (report_weight > 0)")
+        self._check_image(batch["image"])
+        gen = make_generator(seed, batch["image"].device)
+        latent, _, _ = self._encode_masked(batch["image"], gen)
+        token_mask, masked_ids = self._mask_report(batch, gen)
+        hidden = self.report.encode(latent, masked_ids, batch["attention_mask"])
+        rows = token_mask.reshape(-1).nonzero().squeeze(1)
+        logits = self.report.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
+        targets = batch["input_ids"].reshape(-1).index_select(0, rows)
+        loss = torch.zeros(token_mask.numel(), dtype=torch.float32, device=token_mask.device)
+        loss.index_copy_(0, rows, F.cross_entropy(logits, targets, reduction="none"))
+        correct = torch.zeros(token_mask.numel(), dtype=torch.bool, device=token_mask.device)
+        correct.index_copy_(0, rows, logits.argmax(-1) == targets)
+        return {"token_mask": token_mask, "loss": loss.view_as(token_mask), "correct": correct.view_as(token_mask)}
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        cfg = self.cfg
         expected = (cfg.in_chans, cfg.img_size, cfg.img_size)
         if image.dim() != 4 or tuple(image.shape[1:]) != expected:
             raise ValueError(
                 f"batch['image'] has shape {tuple(image.shape)}; model {cfg.name!r} expects (B, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}) (in_chans, img_size, img_size)"
             )
-        device = image.device
-        gen = make_generator(seed, device)
-        b = image.shape[0]
 
-        ids_keep, ids_restore, patch_mask = random_patch_mask(b, cfg.num_patches, cfg.mask_ratio, gen, device)
+    def _encode_masked(self, image: torch.Tensor, gen: torch.Generator):
+        """Patch mask (drawn first from ``gen``) and the encoder's output on the kept patches."""
+        cfg = self.cfg
+        ids_keep, ids_restore, patch_mask = random_patch_mask(
+            image.shape[0], cfg.num_patches, cfg.mask_ratio, gen, image.device
+        )
         latent = self.encoder(downsample(image, cfg.input_size), ids_keep)
-        pred = self.decoder(latent, ids_restore)
-        target = patchify(image if target_image is None else target_image, cfg.out_patch_size)
-        image_loss = pixel_loss(pred, target, patch_mask, cfg.norm_pix_loss)
+        return latent, ids_restore, patch_mask
 
-        if self.report is None:
-            return MRMOutput(image_loss, image_loss, None, pred, patch_mask, None, None, None)
-
+    def _mask_report(self, batch: Mapping[str, torch.Tensor], gen: torch.Generator):
+        """Whole-word mask (drawn from ``gen`` after the patch mask) and the masked report ids."""
+        cfg = self.cfg
         input_ids = batch["input_ids"]
-        attention_mask = batch["attention_mask"]
+        b = batch["image"].shape[0]
         if input_ids.dim() != 2 or input_ids.shape[0] != b or input_ids.shape[1] > cfg.text_max_positions:
             raise ValueError(
                 f"batch['input_ids'] has shape {tuple(input_ids.shape)}; expected ({b}, L) with "
@@ -389,14 +445,9 @@ class MRM(nn.Module):
             )
         specials = (self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id)
         token_mask = whole_word_mask(
-            input_ids, attention_mask, batch["word_start"], cfg.word_mask_prob, specials, gen
+            input_ids, batch["attention_mask"], batch["word_start"], cfg.word_mask_prob, specials, gen
         )
-        masked_ids = apply_token_mask(input_ids, token_mask, self.mask_token_id)
-        report_loss, pred_ids = self.report(
-            latent, masked_ids, attention_mask, token_mask, input_ids if labels is None else labels, cfg.report_loss
-        )
-        loss = image_loss + self.report_weight * report_loss
-        return MRMOutput(loss, image_loss, report_loss, pred, patch_mask, token_mask, masked_ids, pred_ids)
+        return token_mask, apply_token_mask(input_ids, token_mask, self.mask_token_id)
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:

@@ -49,7 +49,7 @@ class MRMConfig:
     text_heads: int = 6
     text_intermediate: int = 1536
     text_max_positions: int = 512  # BERT position table; >= max_tokens (512 keeps BERT checkpoints loadable)
-    text_dropout: float = 0.0  # BERT hidden/attention dropout (0 keeps a step a pure function of the seed)
+    text_dropout: float = 0.1  # BERT hidden/attention dropout, as the original; 0 makes a step a pure function of the seed
     max_tokens: int = 100
     # objective
     mask_ratio: float = 0.75
@@ -216,3 +216,28 @@ def get_preset(name: str | MRMConfig, **overrides) -> MRMConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return _replace_checked(PRESETS[name], overrides)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["FIELD=VALUE", ...]`` (the ``--set`` flags) -> typed config overrides, each field checked."""
+    fields = {f.name: f for f in dataclasses.fields(MRMConfig)}
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"--set {item!r}: unknown config field {key!r}; valid: {sorted(fields)}")
+        default = getattr(MRMConfig(), key)
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"--set {item!r}: expected a boolean")
+            out[key] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(raw)
+        elif isinstance(default, float):
+            out[key] = float(raw)
+        else:
+            out[key] = None if raw.lower() == "none" else raw
+    return out
