@@ -169,20 +169,15 @@ class PeakMatmul:
         return statistics.median(self.values)
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    from mrm_scale.model.info import _parse_overrides as parse
-
-    return parse(items)
-
-
 def build(args, device):
     """(model, optimizer, batch, cfg) for the step."""
     import torch
 
     from mrm_scale.model import build_model, get_preset, param_groups
     from mrm_scale.model.flops import synthetic_batch
+    from mrm_scale.model.presets import parse_overrides
 
-    cfg = get_preset(args.preset, **_parse_overrides(args.overrides))
+    cfg = get_preset(args.preset, **parse_overrides(args.overrides))
     if args.grad_checkpointing:
         cfg = cfg.replace(grad_checkpointing=True)
     torch.manual_seed(args.seed)

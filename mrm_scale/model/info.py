@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
-from .presets import MRMConfig, get_preset, preset_names
+from .presets import MRMConfig, get_preset, parse_overrides, preset_names
 
 DEFAULT_VOCAB = 30522  # BERT-base uncased; pass --tokenizer or --vocab-size for the data's own vocabulary
 
@@ -30,30 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set report_weight=0 --set in_chans=1 (repeatable)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(MRMConfig)}
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        key, raw = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in fields:
-            raise ValueError(f"--set {item!r}: unknown config field {key!r}; valid: {sorted(fields)}")
-        default = getattr(MRMConfig(), key)
-        if isinstance(default, bool):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(f"--set {item!r}: expected a boolean")
-            out[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(raw)
-        elif isinstance(default, float):
-            out[key] = float(raw)
-        else:
-            out[key] = None if raw.lower() == "none" else raw
-    return out
 
 
 def _vocab_size(args) -> int:
@@ -114,7 +89,7 @@ def _fmt_m(n: int) -> str:
 def run(args) -> int:
     names = preset_names() if args.presets == ["all"] else args.presets
     try:
-        overrides = _parse_overrides(args.overrides)
+        overrides = parse_overrides(args.overrides)
         cfgs = [get_preset(name, **overrides) for name in names]
         vocab = _vocab_size(args)
     except ValueError as exc:

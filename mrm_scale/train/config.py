@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--mask-ratio", type=float, default=None, help="image patches removed (preset default 0.75)")
     g.add_argument("--report-weight", type=float, default=None, help="lambda of the report loss (0: image-only MAE)")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field (repeatable), e.g. --set text_dropout=0 --set embed_dim=128")
     g.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     g.add_argument("--init-encoder", default=None, help="timm/MAE ViT weights (.pth/.safetensors) for the encoder")
     g.add_argument("--init-report", default=None, help="BERT directory or .safetensors for the report head")
@@ -67,7 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--resume", default="auto", help="'auto' (latest complete checkpoint of this run, if any), "
                    "'none', or a checkpoint folder")
     g.add_argument("--log-every", type=int, default=10, help="console line and TensorBoard scalars every N steps")
-    g.add_argument("--vis-every", type=int, default=200, help="TensorBoard image grid and report text every N steps")
+    g.add_argument("--vis-every", type=int, default=200,
+                   help="TensorBoard image grid, report text and image-use figures (report/*) every N steps")
+    g.add_argument("--image-use-samples", type=int, default=32,
+                   help="val records of the fixed batch on which report/image_gain is measured (0: off)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU (default: known GPU table, or a matmul measured at start on CPU)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite losses")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
-from mrm_scale.model.presets import SHAPE_FIELDS
+from mrm_scale.model.presets import SHAPE_FIELDS, parse_overrides
 from mrm_scale.ports import free_port
 
 from . import checkpoint
@@ -166,6 +166,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     if args.grad_checkpointing:
         overrides["grad_checkpointing"] = True
     try:
+        overrides.update(parse_overrides(getattr(args, "overrides", None) or []))
         model_cfg = model_cfg.replace(**overrides).validate() if overrides else model_cfg.validate()
     except (ValueError, TypeError) as e:
         raise RunConfigError(str(e)) from None
