@@ -51,6 +51,7 @@ def test_export_writes_every_file_and_a_model_card(pretrained):
     assert meta["timm"]["call"] in card and "AutoModelForMaskedLM.from_pretrained" in card
     assert "source synthetic" in card and "'train': " in card and "step 3" in card
     assert "final losses (step 3, from tensorboard)" in card  # the run's TensorBoard scalars
+    assert "image use (fixed val batch, step 3)" in card and "finding, side or severity: gain" in card
     assert "timm: timm.create_model('vit_tiny_patch16_224'" in pretrained["log"]
 
 
@@ -119,14 +120,16 @@ def test_timm_and_transformers_one_call_loads_reproduce_the_model(pretrained):
         b = model.report.mlm(**batch).logits
     assert (a - b).abs().max().item() < 1e-4
 
-    # MRM's conditioning recipe from the card: image_proj(mean patch tokens) added to every word embedding
+    # MRM's conditioning recipe from the card: image_proj(mean patch tokens) added at every position to the output
+    # of the embeddings module, then BERT's layers and the MLM head
     proj = torch.nn.Linear(64, 64)
     proj.load_state_dict(load_file(str(out / "report_model" / "image_proj.safetensors")))
     ids_t, mask_t = torch.from_numpy(ids)[None], torch.from_numpy(att)[None]
     with torch.no_grad():
         cond = proj(theirs[:1, 1:].mean(1))
-        embeds = mlm.get_input_embeddings()(ids_t) + cond[:, None]
-        logits = mlm(inputs_embeds=embeds, attention_mask=mask_t).logits
+        hidden = mlm.bert.embeddings(input_ids=ids_t) + cond[:, None]
+        ext = mlm.get_extended_attention_mask(mask_t, ids_t.shape)
+        logits = mlm.cls(mlm.bert.encoder(hidden, attention_mask=ext).last_hidden_state)
         latent = model.encoder(x[:1])
         token_mask = mask_t.bool()
         loss, pred = model.report(latent, ids_t, mask_t, token_mask, ids_t, "all")

@@ -202,6 +202,20 @@ _SEV_WORDS = {
 }
 
 
+# Words of a report that name a finding, a side or a severity: what the image decides. The image-use diagnostic
+# (``report/image_gain_finding_words``) restricts its losses to them. Words that also fill templates whatever the
+# image shows ("heart", "pleural", zone and lobe words, the "to" of "small-to-moderate") are left out.
+FINDING_WORDS: frozenset[str] = frozenset(
+    {"cardiomegaly", "enlarged", "enlargement", "effusion", "effusions", "blunting", "pneumothorax", "consolidation",
+     "opacity", "opacities", "pneumonia", "infection", "nodule", "nodular", "mass", "atelectasis", "atelectatic",
+     "collapse", "edema", "congestion", "haziness", "kerley"}
+    | {"right", "left", "bilateral", "bilaterally", "bibasilar", "biapical"}
+    | {w for table in _SEV_WORDS.values() for level in table for phrase in level for w in phrase.split("-")
+       if w not in ("to", "sized", "like", "volume", "plate")}
+    | {"mildly", "moderately", "markedly"}
+)
+
+
 class _Writer:
     """Report phrasing for one record; ``rng`` is the record's report stream."""
 

@@ -117,3 +117,27 @@ def decode_ids(tok: Tokenizer, ids: np.ndarray, attention: np.ndarray) -> str:
 def tokenizer_bytes(tok: Tokenizer) -> bytes:
     """A canonical serialisation (sorted keys) so the same vocabulary always hashes the same."""
     return json.dumps(json.loads(tok.to_str()), sort_keys=True, ensure_ascii=False, indent=1).encode()
+
+
+def word_positions(tok: Tokenizer, input_ids, word_start, attention_mask, words) -> np.ndarray:
+    """(B, L) bool: every piece of each whole word (pieces joined, ``##`` dropped, lower case) that is in
+    ``words``. Used to score the report branch on a chosen set of words (e.g. the synthetic corpus' finding words)."""
+    ids = np.asarray(input_ids)
+    start = np.asarray(word_start, dtype=bool)
+    att = np.asarray(attention_mask, dtype=bool)
+    words = {w.lower() for w in words}
+    out = np.zeros(ids.shape, dtype=bool)
+    for r in range(ids.shape[0]):
+        span: list[int] = []
+        for c in range(ids.shape[1] + 1):
+            inside = c < ids.shape[1] and att[r, c]
+            piece = tok.id_to_token(int(ids[r, c])) if inside else None
+            continues = inside and not start[r, c] and piece is not None and piece.startswith("##")
+            if span and not continues:  # the word in ``span`` is complete
+                text = "".join(tok.id_to_token(int(ids[r, i])).removeprefix("##") for i in span).lower()
+                if text in words:
+                    out[r, span] = True
+                span = []
+            if inside and (start[r, c] or continues):
+                span.append(c)
+    return out

@@ -43,6 +43,7 @@ import torch
 
 from mrm_scale.data import shardformat as sf
 from mrm_scale.model import MRM, MRMConfig, build_model
+from mrm_scale.model.diagnostics import IMAGE_USE_KEYS
 
 log = logging.getLogger("mrm_scale.eval.export")
 
@@ -348,6 +349,14 @@ def final_losses(run_dir: str | None, step: int) -> dict | None:
                     events = [e for e in acc.Scalars(tag) if e.step <= step]
                     if events:
                         out[key], out["step"] = float(events[-1].value), int(events[-1].step)
+            use = {}
+            for key in IMAGE_USE_KEYS:  # the image-use probe (mrm_scale.train.image_use), last at or before step
+                events = [e for e in acc.Scalars(f"report/{key}") if e.step <= step] \
+                    if f"report/{key}" in acc.Tags()["scalars"] else []
+                if events:
+                    use[key], use["step"] = float(events[-1].value), int(events[-1].step)
+            if use:
+                out["image_use"] = use
             if out:
                 return {**out, "source": "tensorboard"}
         except Exception as e:  # noqa: BLE001 - the card is still useful without losses
@@ -417,6 +426,16 @@ def model_card(cfg: MRMConfig, meta: dict, has_report: bool) -> str:
                      f"{_fmt(losses.get('report_loss'))}")
     else:
         lines.append("- final losses: not found (no TensorBoard or trace in the run folder)")
+    use = (losses or {}).get("image_use")
+    if use and use.get("image_gain") is not None:
+        line = (f"- image use (fixed val batch, step {use['step']}): report loss {_fmt(use.get('loss_own_image'))} "
+                f"with each record's own image, {_fmt(use.get('loss_shuffled_image'))} with another record's; "
+                f"image gain {use['image_gain']:+.4f} nats per masked token, masked accuracy "
+                f"{_fmt(use.get('masked_accuracy'))}")
+        if use.get("image_gain_finding_words") is not None:
+            line += (f"; on the words naming a finding, side or severity: gain "
+                     f"{use['image_gain_finding_words']:+.4f}, accuracy {_fmt(use.get('masked_accuracy_finding_words'))}")
+        lines.append(line)
     if data:
         lines.append(f"- data: `{data['path']}` (source {data['source']}" + (f", input {data['input']}"
                      if data.get("input") else "") + f"): samples {data['samples']}, shards {data['shards']}, "
@@ -453,7 +472,8 @@ def model_card(cfg: MRMConfig, meta: dict, has_report: bool) -> str:
             "```",
             "",
             f"MRM's conditioning: `{REPORT_DIR}/{IMAGE_PROJ_FILE}` holds `weight`/`bias` of the projection; add "
-            "`image_proj(features)` to every word embedding (`inputs_embeds`).",
+            "`image_proj(features)` at every position to the *output* of `mlm.bert.embeddings` (after its "
+            "LayerNorm), then run `mlm.bert.encoder` and `mlm.cls`.",
             "",
         ]
     else:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .config import bf16_enabled
+from .image_use import ImageUseProbe, summary_line
 from .metrics import Metrics, device_peak_tflops
 from .setup import Run, build_loader_for
 
@@ -142,6 +143,9 @@ def train(run: Run, engine, model) -> dict:
         tok = Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"]))
         decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
 
+    probe = ImageUseProbe(run, lambda b: _to_device(b, run.device, image_dtype))
+    image_use = None
+
     bad_total = bad_run = 0
     last = {}
     engine.train()
@@ -199,6 +203,10 @@ def train(run: Run, engine, model) -> dict:
                 metrics.step(step, max_steps, logged, global_batch, seconds, stream.wait, console=True)
             if args.vis_every and (step % args.vis_every == 0 or step == max_steps):
                 metrics.visualise(step, run.model_cfg, batch, out, decode)
+            if probe.active and ((args.vis_every and step % args.vis_every == 0) or step == max_steps):
+                image_use = probe.measure(engine)  # every rank: a ZeRO-3 forward needs all of them
+                metrics.image_use(step, image_use)
+                probe.save(step, image_use)
             if step % args.save_every == 0 or step == max_steps:
                 tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.run_config, args.keep_last)
                 if run.is_main:
@@ -210,7 +218,9 @@ def train(run: Run, engine, model) -> dict:
         trace.write(json.dumps({"final": True, "step": step, "param_sha256": digest, "world_size": run.world_size,
                                 "skipped_samples": getattr(loader, "skipped", 0)}) + "\n")
         trace.close()
+    if run.is_main and summary_line(image_use):
+        print(summary_line(image_use), flush=True)
     if run.is_main:
         print(f"done: {step} steps. Checkpoints: {run.ckpt_dir}  TensorBoard: tensorboard --logdir "
               f"{os.path.join(run.run_dir, 'tb')}", flush=True)
-    return {"step": step, **last}
+    return {"step": step, **last, "image_use": image_use}

@@ -4,7 +4,9 @@ The logged losses are the mean over all ranks (the whole global batch), not rank
 Scalars: ``loss/total``, ``loss/image``, ``loss/report``, ``lr``, ``grad_norm``, ``throughput/samples_per_s``,
 ``throughput/tflops_per_device``, ``throughput/mfu``, ``time/data_wait_fraction``, ``memory/max_allocated_gb``,
 ``train/bad_steps``. Every ``--vis-every`` steps: image ``vis/reconstruction`` (input | masked |
-reconstruction, one row per sample) and text ``vis/report`` (masked report, targets and predictions).
+reconstruction, one row per sample) and text ``vis/report`` (masked report, targets and predictions); then and at
+the end the image-use probe's ``report/loss_own_image``, ``report/loss_shuffled_image``, ``report/image_gain``,
+``report/masked_accuracy`` (and ``..._finding_words`` on the synthetic corpus).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import time
 
 import torch
+
+from mrm_scale.model.diagnostics import IMAGE_USE_KEYS
 
 # Dense bf16 peak TFLOP/s per device, by a substring of the device name (vendor data sheets).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -97,6 +101,14 @@ class Metrics:
         self.writer.add_image("vis/reconstruction", reconstruction_grid(model_cfg, batch, out), step)
         if out.token_mask is not None:
             self.writer.add_text("vis/report", report_text(batch, out, decode), step)
+
+    def image_use(self, step: int, res: dict | None) -> None:
+        """``report/*`` scalars of the image-use probe (see :mod:`mrm_scale.train.image_use`)."""
+        if self.rank != 0 or not res:
+            return
+        for key in IMAGE_USE_KEYS:
+            if res.get(key) is not None:
+                self.writer.add_scalar(f"report/{key}", float(res[key]), step)
 
     def close(self) -> None:
         if self.writer is not None:
