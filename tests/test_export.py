@@ -128,8 +128,8 @@ def test_timm_and_transformers_one_call_loads_reproduce_the_model(pretrained):
     with torch.no_grad():
         cond = proj(theirs[:1, 1:].mean(1))
         hidden = mlm.bert.embeddings(input_ids=ids_t) + cond[:, None]
-        ext = mlm.get_extended_attention_mask(mask_t, ids_t.shape)
-        logits = mlm.cls(mlm.bert.encoder(hidden, attention_mask=ext).last_hidden_state)
+        keep = mask_t.bool()[:, None, None, :]  # (B, 1, 1, L), True = attend
+        logits = mlm.cls(mlm.bert.encoder(hidden, attention_mask=keep).last_hidden_state)
         latent = model.encoder(x[:1])
         token_mask = mask_t.bool()
         loss, pred = model.report(latent, ids_t, mask_t, token_mask, ids_t, "all")

@@ -134,7 +134,11 @@ def test_label_efficiency_experiment_smoke(tmp_path):
         cfgs = [json.loads((tmp_path / "runs" / f"{arm}-s{seed}" / "run_config.json").read_text()) for seed in runs]
         assert [c["args"]["seed"] for c in cfgs] == [0, 1, 2]
     assert all(r["final_losses"]["report_loss"] is not None for r in res["arms"]["mrm"]["pretraining"]["runs"].values())
-    assert len(res["arms"]["mrm"]["pretraining"]["conditioning"]["per_seed"]) == 3
+    for r in res["arms"]["mrm"]["pretraining"]["runs"].values():  # the image gain of every MRM pretraining
+        use = r["image_use"]
+        assert use["image_gain"] == pytest.approx(use["loss_shuffled_image"] - use["loss_own_image"], abs=1e-6)
+        assert use["masked_finding_tokens"] > 0 and use["image_gain_finding_words"] is not None
+    assert res["arms"]["mrm"]["pretraining"]["image_use"]["image_gain"]["n"] == 3
     for frac in res["settings"]["fractions"]:  # each probe's labelled subset is saved beside the results
         for r in res["arms"]["mrm"]["fractions"][f"{frac:g}"]["runs"]:
             keys = (tmp_path / "subsets" / f"fraction{frac:g}_seed{r['seed']}.txt").read_text().split()

@@ -198,6 +198,9 @@ def build(args, device):
 
 
 def train_step(model, optimizer, batch, seed: int):
+    import torch
+
+    torch.manual_seed(seed)  # text dropout draws from the global RNG: a step's loss is then a function of its seed
     out = model(batch, seed=seed)
     out.loss.backward()
     optimizer.step()

@@ -1,7 +1,7 @@
 """``mrm-scale experiment label-efficiency --out DIR``: does pretraining with reports help when labels are few?
 
 On the built-in synthetic corpus (prepared in ``DIR/shards``; its mild findings are faint in the image and spelled
-out in the report), three ``tiny`` image encoders are compared:
+out in the report), three image encoders of ``tiny``'s geometry (``EXPERIMENT_MODEL``: wider and deeper) are compared:
 
 - ``mrm``   MRM pretraining, image + report (λ = 1);
 - ``mae``   image-only masked-image pretraining (λ = 0, ``--report-weight 0``): the same encoder, decoder, data,
@@ -45,11 +45,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ARMS = ("mrm", "mae", "none")
 ARM_LABEL = {"mrm": "MRM (image + report, λ=1)", "mae": "MAE (image only, λ=0)", "none": "none (random init)"}
 
+# The experiment's model: tiny's geometry (128-px high-res, 64-px encoder input, 8-px patches) and decoder, with a
+# wider, deeper encoder (128 x 4) and a wider text stack (128, MLP 512): its text stack reaches masked accuracy 0.61
+# at 1,500 steps against 0.39 for tiny's 64-wide one, and both arms get the same encoder (README, Label efficiency).
+EXPERIMENT_MODEL = ("embed_dim=128", "depth=4", "num_heads=4", "text_width=128", "text_intermediate=512")
+
 # sized for <= 45 min on 2 CPU cores (see README "Export and evaluation" for the measured wall time)
 FULL = dict(records=4000, synthetic_size=256, image_size=128, val_fraction=0.25, shard_size=64, steps=1500,
-            micro_batch=16, lr=2e-3, warmup_steps=100, seeds="0,1,2", fractions="0.01,0.1,1.0", probe_epochs=300)
+            micro_batch=16, lr=3e-3, warmup_steps=100, seeds="0,1,2", fractions="0.01,0.1,1.0", probe_epochs=300,
+            model_set=EXPERIMENT_MODEL)
 SMOKE = dict(records=96, synthetic_size=128, image_size=128, val_fraction=0.34, shard_size=8, steps=3,
-             micro_batch=4, lr=1e-3, warmup_steps=1, seeds="0,1,2", fractions="0.1,1.0", probe_epochs=30)
+             micro_batch=4, lr=1e-3, warmup_steps=1, seeds="0,1,2", fractions="0.1,1.0", probe_epochs=30,
+             model_set=("embed_dim=32",))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,19 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and seed, and the probes' subsets and heads")
     p.add_argument("--fractions", default=None, help="label fractions (default 0.01,0.1,1.0)")
     p.add_argument("--probe-epochs", type=int, default=None)
+    p.add_argument("--set", dest="model_set", action="append", default=None, metavar="FIELD=VALUE",
+                   help="model config override for both pretrainings and the probes' encoder (repeatable)")
     p.add_argument("--workers", type=int, default=2, help="image decoding workers for feature extraction")
 
 
 def _settings(args) -> dict:
     base = dict(SMOKE if args.smoke else FULL)
     for k in ("records", "synthetic_size", "image_size", "steps", "micro_batch", "lr", "seeds", "fractions",
-              "probe_epochs"):
+              "probe_epochs", "model_set"):
         v = getattr(args, k, None)
         if v is not None:
             base[k] = v
     base["nproc"] = args.nproc or (1 if args.smoke else 2)
     base["seeds"] = [int(s) for s in str(base["seeds"]).split(",")]
     base["fractions"] = [float(f) for f in str(base["fractions"]).split(",")]
+    base["model_set"] = list(base["model_set"])
     return base
 
 
@@ -117,6 +127,8 @@ def _start_pretraining(out: str, shards: str, arm: str, seed: int, s: dict):
              str(s["micro_batch"]), "--lr", str(s["lr"]), "--warmup-steps", str(s["warmup_steps"]), "--seed", str(seed),
              "--save-every", str(s["steps"]), "--keep-last", "1", "--vis-every", "0", "--workers", "1",
              "--log-every", str(max(1, s["steps"] // 20)), "--backend", "wds"]
+    for item in s["model_set"]:
+        flags += ["--set", item]
     if s["nproc"] > 1:
         launcher = shutil.which("deepspeed")
         head = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -170,27 +182,40 @@ def pretrain_arms(out: str, shards: str, s: dict) -> dict[tuple[str, int], dict]
 
 
 @torch.no_grad()
-def report_conditioning(export_dir: str, shards: str, image_size: int, batches: int = 8) -> dict:
-    """Does the MRM report head use the image? Report loss on val records with their own image vs with another
-    record's image (the batch rolled by one), same word masks; a gap near 0 means the text was predicted from
-    the text alone, and the encoder got little signal from the reports."""
+def report_image_use(export_dir: str, shards: str, image_size: int, batches: int = 8) -> dict:
+    """Does the MRM report head use the image? :func:`mrm_scale.model.diagnostics.image_use` on the first
+    ``batches`` x 32 val records (own images vs images rolled by one, the same word masks), averaged over the
+    batches: report loss with the own / another image, the image gain (all masked words, and the words that name
+    a finding, a side or a severity) and the masked accuracy. A gain near 0 means the text was predicted from the
+    text alone, and the encoder got little signal from the reports."""
+    from tokenizers import Tokenizer
+
     from mrm_scale.data.loader import LoaderConfig, build_loader
+    from mrm_scale.data.synthetic import FINDING_WORDS
+    from mrm_scale.data.tokenizer import word_positions
+    from mrm_scale.model.diagnostics import image_use
 
     from .export import load_full_model
 
     model = load_full_model(export_dir).eval()
-    n_val = json.load(open(os.path.join(shards, "manifest.json")))["splits"]["val"]["samples"]
-    bs = max(1, min(32, n_val))
+    with open(os.path.join(shards, "manifest.json")) as f:
+        manifest = json.load(f)
+    tok = Tokenizer.from_file(os.path.join(shards, manifest["tokenizer"]["file"]))
+    bs = max(2, min(32, manifest["splits"]["val"]["samples"]))
     cfg = LoaderConfig(shards=shards, split="val", backend="wds", batch_size=bs, image_size=image_size, workers=0,
-                       shuffle=False, augment=False, max_tokens=model.cfg.max_tokens)
-    own, other = [], []
+                       shuffle=False, augment=False, max_tokens=model.cfg.max_tokens, channels=model.cfg.in_chans)
+    runs = []
     for i, batch in enumerate(build_loader(cfg)):
         if i >= batches:
             break
-        own.append(model(batch, seed=1000 + i).report_loss.item())
-        other.append(model({**batch, "image": batch["image"].roll(1, 0)}, seed=1000 + i).report_loss.item())
-    return {"report_loss_own_image": float(np.mean(own)), "report_loss_other_image": float(np.mean(other)),
-            "samples": bs * len(own)}
+        words = torch.from_numpy(word_positions(tok, batch["input_ids"].numpy(), batch["word_start"].numpy(),
+                                                batch["attention_mask"].numpy(), FINDING_WORDS))
+        runs.append(image_use(model, batch, 1000 + i, words))
+    keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
+    out = {k: float(np.mean([r[k] for r in runs if r[k] is not None])) for k in keys}
+    out.update(samples=sum(r["samples"] for r in runs), masked_tokens=sum(r["masked_tokens"] for r in runs),
+               masked_finding_tokens=sum(r.get("masked_finding_tokens", 0) for r in runs))
+    return out
 
 
 @torch.no_grad()
@@ -228,7 +253,8 @@ def write_table(path: str, results: dict) -> str:
             f"mean ± std over seeds {s['seeds']} (seed = pretraining run, random init of none, labelled subset and "
             f"head init); linear probe on the frozen encoder's mean-pooled patch tokens. Corpus: {s['records']} "
             f"synthetic records "
-            f"({results['data']['train']} train), tiny preset at {s['image_size']} px high-res / "
+            f"({results['data']['train']} train), tiny preset" + (f" with {', '.join(s['model_set'])}" if s["model_set"] else "")
+            + f" at {s['image_size']} px high-res / "
             f"{s['image_size'] // 2} px encoder input; pretraining {s['steps']} steps x {results['global_batch']} "
             f"per arm and seed. Wall time {results['wall_s'] / 60:.1f} min.")
     pre = {a: results["arms"][a]["pretraining"] for a in ("mrm", "mae")}
@@ -236,11 +262,26 @@ def write_table(path: str, results: dict) -> str:
     meta += (f" Equal budget = same steps, batch, samples and image-side compute; training cost per sample MRM "
              f"{pre['mrm']['train_gflops_per_sample']} vs MAE {pre['mae']['train_gflops_per_sample']} GFLOP"
              + (f" (pretraining wall, all seeds: {walls})" if walls else "") + ".")
-    cond = pre["mrm"].get("conditioning")
-    if cond:
-        meta += (f" MRM's report loss on val (mean over seeds): {cond['report_loss_own_image']:.3f} with the "
-                 f"record's own image, {cond['report_loss_other_image']:.3f} with another record's image.")
-    text = "\n".join(lines) + "\n\n" + meta + "\n"
+    use = pre["mrm"].get("image_use")
+    gains = ""
+    if use:
+        def ms(key, fmt="+.4f"):
+            st = use[key]
+            return f"{st['mean']:{fmt}} ± {st['std']:.4f}"
+
+        seeds = ", ".join(f"seed {seed}: {r['image_use']['image_gain']:+.4f} / "
+                          f"{r['image_use']['image_gain_finding_words']:+.4f}"
+                          for seed, r in pre["mrm"]["runs"].items())
+        gains = (
+            f"\n\nMRM's report head on val ({next(iter(pre['mrm']['runs'].values()))['image_use']['samples']} "
+            "records, own image vs another record's, the same masks; mean ± std "
+            "over the seeds):\n\n| | all masked words | words naming a finding, side or severity |\n|---|---|---|\n"
+            f"| report loss, own image | {ms('loss_own_image', '.3f')} | |\n"
+            f"| report loss, another image | {ms('loss_shuffled_image', '.3f')} | |\n"
+            f"| **image gain** (nats per masked token) | {ms('image_gain')} | {ms('image_gain_finding_words')} |\n"
+            f"| masked accuracy | {ms('masked_accuracy', '.3f')} | {ms('masked_accuracy_finding_words', '.3f')} |"
+            f"\n\nImage gain per pretraining (all / finding words): {seeds}.")
+    text = "\n".join(lines) + gains + "\n\n" + meta + "\n"
     with open(path, "w") as f:
         f.write("# Label efficiency: MRM vs image-only MAE vs no pretraining\n\n" + text)
     return text
@@ -272,6 +313,7 @@ def plot(path: str, results: dict) -> None:
 
 def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     from mrm_scale.model import get_preset
+    from mrm_scale.model.presets import parse_overrides
 
     from .datasets import draw_subset, shard_set, split_for_test, write_subset
     from .export import export, load_encoder_weights
@@ -294,19 +336,25 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
 
     vocab = json.load(open(os.path.join(shards, "manifest.json")))["tokenizer"]["vocab_size"]
     for arm in pre:
-        arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0)
+        arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0,
+                             **parse_overrides(s["model_set"]))
         pre[arm]["train_gflops_per_sample"] = round(formula_training_flops(arm_cfg, vocab_size=vocab)["total"] / 1e9, 4)
         walls = [r["wall_s"] for r in pre[arm]["runs"].values()]
         pre[arm]["wall_s"] = None if None in walls else round(sum(walls), 1)
-    conds = [report_conditioning(r["export"], shards, s["image_size"]) for r in pre["mrm"]["runs"].values()]
-    pre["mrm"]["conditioning"] = {k: float(np.mean([c[k] for c in conds])) for k in conds[0]}
-    pre["mrm"]["conditioning"]["per_seed"] = conds
-    print(f"[experiment] mrm report head, val: {pre['mrm']['conditioning']}", flush=True)
+    for seed, r in pre["mrm"]["runs"].items():
+        r["image_use"] = report_image_use(r["export"], shards, s["image_size"])
+        print(f"[experiment] mrm-s{seed} report head on val: image gain {r['image_use']['image_gain']:+.4f} "
+              f"(finding words {r['image_use']['image_gain_finding_words']:+.4f}), masked accuracy "
+              f"{r['image_use']['masked_accuracy']:.3f}", flush=True)
+    pre["mrm"]["image_use"] = {k: summarise([r["image_use"][k] for r in pre["mrm"]["runs"].values()])
+                               for k in ("loss_own_image", "loss_shuffled_image", "image_gain",
+                                         "image_gain_finding_words", "masked_accuracy",
+                                         "masked_accuracy_finding_words")}
 
     train = shard_set(shards, "train")
     classes = train.classes
     val, test = split_for_test(shard_set(shards, "val", classes), 0.5, 0)
-    cfg = get_preset("tiny", img_size=s["image_size"], report_weight=0.0)
+    cfg = get_preset("tiny", img_size=s["image_size"], **{**parse_overrides(s["model_set"]), "report_weight": 0.0})
     # the labelled subsets depend only on (fraction, seed): drawn once, saved beside the results, used by every arm
     subsets = {(f, seed): draw_subset(train.keys, train.labels, f, seed) for f in s["fractions"] for seed in s["seeds"]}
     os.makedirs(os.path.join(out, "subsets"), exist_ok=True)

@@ -473,7 +473,8 @@ def model_card(cfg: MRMConfig, meta: dict, has_report: bool) -> str:
             "",
             f"MRM's conditioning: `{REPORT_DIR}/{IMAGE_PROJ_FILE}` holds `weight`/`bias` of the projection; add "
             "`image_proj(features)` at every position to the *output* of `mlm.bert.embeddings` (after its "
-            "LayerNorm), then run `mlm.bert.encoder` and `mlm.cls`.",
+            "LayerNorm), then run `mlm.bert.encoder` (attention mask as a (B, 1, 1, L) boolean, True = attend) "
+            "and `mlm.cls`.",
             "",
         ]
     else:

@@ -1,5 +1,5 @@
 """MRM model: masked image encoder (timm ViT), super-resolution pixel decoder, image-conditioned BERT report head,
-on-device masking, presets, FLOP accounting and weight loading."""
+on-device masking, presets, FLOP accounting, weight loading and the image-use diagnostic (``diagnostics``)."""
 
 from .masking import apply_token_mask, make_generator, random_patch_mask, whole_word_mask
 from .mrm import (
