@@ -216,6 +216,17 @@ FINDING_WORDS: frozenset[str] = frozenset(
 )
 
 
+def finding_word_positions(tok, batch: dict):
+    """(B, L) bool tensor: the pieces of the :data:`FINDING_WORDS` in a loader batch (``input_ids``,
+    ``word_start``, ``attention_mask``), for ``tok`` the shards' tokenizer."""
+    import torch
+
+    from .tokenizer import word_positions
+
+    return torch.from_numpy(word_positions(tok, batch["input_ids"], batch["word_start"], batch["attention_mask"],
+                                           FINDING_WORDS))
+
+
 class _Writer:
     """Report phrasing for one record; ``rng`` is the record's report stream."""
 

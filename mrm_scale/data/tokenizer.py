@@ -121,23 +121,22 @@ def tokenizer_bytes(tok: Tokenizer) -> bytes:
 
 def word_positions(tok: Tokenizer, input_ids, word_start, attention_mask, words) -> np.ndarray:
     """(B, L) bool: every piece of each whole word (pieces joined, ``##`` dropped, lower case) that is in
-    ``words``. Used to score the report branch on a chosen set of words (e.g. the synthetic corpus' finding words)."""
+    ``words``. Arrays or CPU tensors. Used to score the report branch on a chosen set of words (e.g. the
+    synthetic corpus' finding words)."""
     ids = np.asarray(input_ids)
     start = np.asarray(word_start, dtype=bool)
     att = np.asarray(attention_mask, dtype=bool)
     words = {w.lower() for w in words}
     out = np.zeros(ids.shape, dtype=bool)
     for r in range(ids.shape[0]):
-        span: list[int] = []
-        for c in range(ids.shape[1] + 1):
-            inside = c < ids.shape[1] and att[r, c]
-            piece = tok.id_to_token(int(ids[r, c])) if inside else None
-            continues = inside and not start[r, c] and piece is not None and piece.startswith("##")
-            if span and not continues:  # the word in ``span`` is complete
-                text = "".join(tok.id_to_token(int(ids[r, i])).removeprefix("##") for i in span).lower()
-                if text in words:
-                    out[r, span] = True
-                span = []
-            if inside and (start[r, c] or continues):
-                span.append(c)
+        spans: list[list[tuple[int, str]]] = []  # the words of row r: (column, piece) each
+        for c in np.flatnonzero(att[r]):
+            piece = tok.id_to_token(int(ids[r, c])) or ""
+            if spans and not start[r, c] and piece.startswith("##"):
+                spans[-1].append((c, piece[2:]))
+            elif start[r, c]:
+                spans.append([(c, piece)])
+        for span in spans:
+            if "".join(p for _, p in span).lower() in words:
+                out[r, [c for c, _ in span]] = True
     return out

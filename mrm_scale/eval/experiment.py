@@ -191,8 +191,7 @@ def report_image_use(export_dir: str, shards: str, image_size: int, batches: int
     from tokenizers import Tokenizer
 
     from mrm_scale.data.loader import LoaderConfig, build_loader
-    from mrm_scale.data.synthetic import FINDING_WORDS
-    from mrm_scale.data.tokenizer import word_positions
+    from mrm_scale.data.synthetic import finding_word_positions
     from mrm_scale.model.diagnostics import image_use
 
     from .export import load_full_model
@@ -208,9 +207,7 @@ def report_image_use(export_dir: str, shards: str, image_size: int, batches: int
     for i, batch in enumerate(build_loader(cfg)):
         if i >= batches:
             break
-        words = torch.from_numpy(word_positions(tok, batch["input_ids"].numpy(), batch["word_start"].numpy(),
-                                                batch["attention_mask"].numpy(), FINDING_WORDS))
-        runs.append(image_use(model, batch, 1000 + i, words))
+        runs.append(image_use(model, batch, 1000 + i, finding_word_positions(tok, batch)))
     keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
     out = {k: float(np.mean([r[k] for r in runs if r[k] is not None])) for k in keys}
     out.update(samples=sum(r["samples"] for r in runs), masked_tokens=sum(r["masked_tokens"] for r in runs),

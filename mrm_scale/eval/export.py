@@ -343,18 +343,19 @@ def final_losses(run_dir: str | None, step: int) -> dict | None:
 
             acc = EventAccumulator(tb, size_guidance={"scalars": 0})
             acc.Reload()
-            out = {}
-            for key, tag in (("loss", "loss/total"), ("image_loss", "loss/image"), ("report_loss", "loss/report")):
-                if tag in acc.Tags()["scalars"]:
-                    events = [e for e in acc.Scalars(tag) if e.step <= step]
+            tags = set(acc.Tags()["scalars"])
+
+            def last(pairs) -> dict:  # {key: value at the last event at or before step, "step": its step}
+                found = {}
+                for key, tag in pairs:
+                    events = [e for e in acc.Scalars(tag) if e.step <= step] if tag in tags else []
                     if events:
-                        out[key], out["step"] = float(events[-1].value), int(events[-1].step)
-            use = {}
-            for key in IMAGE_USE_KEYS:  # the image-use probe (mrm_scale.train.image_use), last at or before step
-                events = [e for e in acc.Scalars(f"report/{key}") if e.step <= step] \
-                    if f"report/{key}" in acc.Tags()["scalars"] else []
-                if events:
-                    use[key], use["step"] = float(events[-1].value), int(events[-1].step)
+                        found[key], found["step"] = float(events[-1].value), int(events[-1].step)
+                return found
+
+            out = last((("loss", "loss/total"), ("image_loss", "loss/image"), ("report_loss", "loss/report")))
+            # the image-use probe (mrm_scale.train.image_use)
+            use = last((key, f"report/{key}") for key in IMAGE_USE_KEYS)
             if use:
                 out["image_use"] = use
             if out:

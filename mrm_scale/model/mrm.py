@@ -204,6 +204,13 @@ class ReportHead(nn.Module):
             return torch.nonzero_static(flat, size=int(n)).squeeze(1)
         return flat.nonzero().squeeze(1)
 
+    def masked_logits(self, hidden: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor):
+        """(rows, fp32 logits, targets) at the masked positions only: ``rows`` index the flattened (B * L)
+        positions; the vocabulary projection runs on those rows alone."""
+        rows = self._masked_rows(token_mask)
+        logits = self.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
+        return rows, logits, labels.reshape(-1).index_select(0, rows)
+
     def condition(self, latent: torch.Tensor) -> torch.Tensor:
         """The image vector (B, text_width): the encoder's visible patch tokens (class token excluded), mean-pooled,
         then projected (mean-then-project equals project-then-mean for a linear map, one matmul per sample)."""
@@ -243,9 +250,7 @@ class ReportHead(nn.Module):
         """Returns (fp32 report loss, predicted ids (B, L): argmax at scored masked positions, else the input)."""
         hidden = self.encode(latent, masked_ids, attention_mask)
         if mode == "masked":
-            rows = self._masked_rows(token_mask)
-            logits = self.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
-            targets = labels.reshape(-1).index_select(0, rows)
+            rows, logits, targets = self.masked_logits(hidden, token_mask, labels)
             loss = F.cross_entropy(logits, targets, reduction="sum") / max(int(rows.numel()), 1)
             with torch.no_grad():
                 pred_ids = masked_ids.reshape(-1).clone()
@@ -406,9 +411,7 @@ class MRM(nn.Module):
         latent, _, _ = self._encode_masked(batch["image"], gen)
         token_mask, masked_ids = self._mask_report(batch, gen)
         hidden = self.report.encode(latent, masked_ids, batch["attention_mask"])
-        rows = token_mask.reshape(-1).nonzero().squeeze(1)
-        logits = self.report.mlm.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
-        targets = batch["input_ids"].reshape(-1).index_select(0, rows)
+        rows, logits, targets = self.report.masked_logits(hidden, token_mask, batch["input_ids"])
         loss = torch.zeros(token_mask.numel(), dtype=torch.float32, device=token_mask.device)
         loss.index_copy_(0, rows, F.cross_entropy(logits, targets, reduction="none"))
         correct = torch.zeros(token_mask.numel(), dtype=torch.bool, device=token_mask.device)

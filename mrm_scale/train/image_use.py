@@ -49,7 +49,6 @@ class ImageUseProbe:
                 batch = next(iter(loader))
             finally:
                 getattr(loader, "close", lambda: None)()
-        self.keys = list(batch["key"])
         self.words = _finding_word_positions(run, batch)
         self.batch = to_device(batch)
 
@@ -82,13 +81,10 @@ def _finding_word_positions(run, batch) -> torch.Tensor | None:
         return None
     from tokenizers import Tokenizer
 
-    from mrm_scale.data.synthetic import FINDING_WORDS
-    from mrm_scale.data.tokenizer import word_positions
+    from mrm_scale.data.synthetic import finding_word_positions
 
-    tok = Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"]))
-    pos = word_positions(tok, batch["input_ids"].numpy(), batch["word_start"].numpy(),
-                         batch["attention_mask"].numpy(), FINDING_WORDS)
-    return torch.from_numpy(pos)
+    return finding_word_positions(Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"])),
+                                  batch)
 
 
 def summary_line(res: dict | None) -> str | None:
