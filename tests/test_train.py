@@ -247,4 +247,8 @@ def test_checks_before_compute(shards, tmp_path):
     assert code == 2 and "tokenizer sha256" in out
     code, out = _single([*base, "--backend", "wds", "--workers", "64"])
     assert code == 2 and "fewer than the 64 readers" in out
+    code, out = _single([*base, "--set", "text_dropout=lots"])
+    assert code == 2 and "--set 'text_dropout=lots': field 'text_dropout' takes a number" in out, out[-2000:]
+    code, out = _single([*base, "--set", "text_widht=128"])
+    assert code == 2 and "unknown config field 'text_widht'" in out and "Traceback" not in out
     assert not (tmp_path / "mrm-tiny" / "checkpoints").exists()  # nothing trained

@@ -410,6 +410,10 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
 def run(args: argparse.Namespace) -> int:
     s = _settings(args)
     try:
+        from mrm_scale.model import get_preset
+        from mrm_scale.model.presets import parse_overrides
+
+        get_preset("tiny", img_size=s["image_size"], **parse_overrides(s["model_set"]))  # bad --set: before compute
         run_experiment(os.path.abspath(args.out), s, workers=args.workers)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

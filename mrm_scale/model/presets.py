@@ -234,10 +234,13 @@ def parse_overrides(items: list[str]) -> dict:
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(f"--set {item!r}: expected a boolean")
             out[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(raw)
-        elif isinstance(default, float):
-            out[key] = float(raw)
+        elif isinstance(default, (int, float)):
+            kind = type(default)
+            try:
+                out[key] = kind(raw)
+            except ValueError:
+                raise ValueError(f"--set {item!r}: field {key!r} takes {'an integer' if kind is int else 'a number'}, "
+                                 f"e.g. --set {key}={default}") from None
         else:
             out[key] = None if raw.lower() == "none" else raw
     return out
