@@ -88,13 +88,14 @@ import copy
 
 import torch
 
+from mrm_scale.formats.tokenizer import TokenizerIdentity
 from mrm_scale.model import build_model
 from mrm_scale.model.flops import synthetic_batch
 
 device, preset, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
 torch.backends.cudnn.allow_tf32 = False
-ids = dict(vocab_size=30522, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+ids = TokenizerIdentity.canonical(30522).model_ids()
 torch.manual_seed(0)
 ref = build_model(preset, **ids, text_dropout=0.0).train()  # fp32 weights, built once; no dropout: same draws
 batch = synthetic_batch(ref.cfg, 4, seed=0, device=device)
@@ -139,7 +140,7 @@ import glob, json, os, statistics, sys, time
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mrm_scale.data import shardformat as sf
+from mrm_scale.formats import shards as sf
 
 device, shards, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
 datas = []

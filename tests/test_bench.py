@@ -38,9 +38,9 @@ def test_bench_step_prints_every_field(capsys, precision):
 
 
 def test_bench_step_ab_alternates_two_builds_in_one_process(capsys):
-    from mrm_scale.model import mrm as mrm_module
+    from mrm_scale.model import get_preset
 
-    rule = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
+    rule = get_preset("tiny").cpu_math_attention_max_tokens
     base = ["bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1"]
     assert main(base) == 0
     plain = last_json(capsys.readouterr().out)
@@ -50,7 +50,7 @@ def test_bench_step_ab_alternates_two_builds_in_one_process(capsys):
     assert r["b_over_a"] == pytest.approx(r["b"]["step_s"] / r["a"]["step_s"], rel=1e-3)
     assert r["a"]["loss_first"] == pytest.approx(plain["loss_first"], rel=1e-5)  # A is the flags as given
     assert r["b"]["loss_first"] < r["a"]["loss_first"] - 5  # B really is the variant: no report loss (~ln vocab)
-    assert mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS == rule  # the module setting is not left behind
+    assert get_preset("tiny").cpu_math_attention_max_tokens == rule  # the variant's setting is not left behind
     assert main([*base, "--against", "--preset small"]) == 2
     assert "may not change --preset" in capsys.readouterr().err
 
@@ -135,12 +135,12 @@ def test_cpu_attention_kernel_rule_keeps_the_numbers():
     batch = synthetic_batch(model.cfg, 2, vocab_size=300)
     batch["image"] = batch["image"].to(torch.bfloat16)
     x = torch.zeros(1, 50, 8, dtype=torch.bfloat16)
-    assert not isinstance(mrm.attention_kernels(x), __import__("contextlib").nullcontext)
-    assert isinstance(mrm.attention_kernels(x.float()), __import__("contextlib").nullcontext)
+    assert not isinstance(mrm.attention_kernels(x, 128), __import__("contextlib").nullcontext)
+    assert isinstance(mrm.attention_kernels(x.float(), 128), __import__("contextlib").nullcontext)
 
     def loss_and_grads(threshold, ckpt=False):
-        old = mrm.CPU_MATH_ATTENTION_MAX_TOKENS
-        mrm.CPU_MATH_ATTENTION_MAX_TOKENS = threshold
+        old = model.cfg.cpu_math_attention_max_tokens
+        model.set_cpu_math_attention(threshold)
         model.set_grad_checkpointing(ckpt)
         try:
             model.zero_grad(set_to_none=True)
@@ -148,7 +148,7 @@ def test_cpu_attention_kernel_rule_keeps_the_numbers():
             out.loss.backward()
             return out.loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
         finally:
-            mrm.CPU_MATH_ATTENTION_MAX_TOKENS = old
+            model.set_cpu_math_attention(old)
             model.set_grad_checkpointing(False)
 
     flash_loss, flash_grad = loss_and_grads(0)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrm_scale.data import shardformat as sf
+from mrm_scale.formats import shards as sf
+from mrm_scale.data import transforms
 from mrm_scale.data.loader import LoaderConfig, LoaderError, ShardDataError, build_loader
 from mrm_scale.data.prep import PrepOptions, run_prep
 
@@ -89,7 +90,7 @@ def test_batch_contract(shards, gt, backend):
     assert batch["word_start"].shape == (B, L) and batch["word_start"].dtype == torch.bool
     assert isinstance(batch["key"], list) and len(batch["key"]) == B and all(k in gt for k in batch["key"])
     img = batch["image"]
-    lo, hi = (0 - sf.IMAGE_MEAN) / sf.IMAGE_STD, (1 - sf.IMAGE_MEAN) / sf.IMAGE_STD
+    lo, hi = (0 - transforms.IMAGE_MEAN) / transforms.IMAGE_STD, (1 - transforms.IMAGE_MEAN) / transforms.IMAGE_STD
     assert img.min() >= lo - 0.05 and img.max() <= hi + 0.05 and img.std() > 0.1
     assert torch.equal(img[:, 0], img[:, 1]) and torch.equal(img[:, 0], img[:, 2])  # gray replicated
     with open(os.path.join(shards, sf.MANIFEST)) as f:

@@ -3,6 +3,7 @@ workers kept across epochs, the shared-memory buffer ring, indexed tar reads, th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrm_scale.data import shardformat as sf
+from mrm_scale.data import transforms
 from mrm_scale.data import wds_loader
 from mrm_scale.data.loader import build_loader, normalise_gray
 from test_loader import BACKENDS, _truncate, cfg, epoch, keys_of, make_shards
@@ -36,7 +37,7 @@ def test_normalise_gray():
     g = torch.arange(256, dtype=torch.uint8).repeat(2, 1, 1, 1)  # (2, 1, 1, 256)
     out = normalise_gray(g, 3)
     assert out.shape == (2, 3, 1, 256) and out.dtype == torch.float32 and out.stride(1) == 0
-    want = (torch.arange(256) / 255.0 - sf.IMAGE_MEAN) / sf.IMAGE_STD
+    want = (torch.arange(256) / 255.0 - transforms.IMAGE_MEAN) / transforms.IMAGE_STD
     assert torch.allclose(out[0, 2, 0], want, atol=1e-6)
     one = normalise_gray(g.numpy(), 1)
     assert one.shape == (2, 1, 1, 256) and one.is_contiguous()
@@ -47,7 +48,7 @@ def test_image_is_a_view_of_normalised_gray_bytes(shards, backend):
     batch = next(iter(build_loader(cfg(shards, backend), 0, 1)))
     img = batch["image"]
     assert img.shape == (8, 3, 64, 64) and img.stride(1) == 0  # expand view: no copy per channel
-    levels = (img[:, 0] * sf.IMAGE_STD + sf.IMAGE_MEAN) * 255.0
+    levels = (img[:, 0] * transforms.IMAGE_STD + transforms.IMAGE_MEAN) * 255.0
     assert (levels - levels.round()).abs().max() < 1e-3  # exactly normalised 8-bit gray
     assert torch.equal(img.contiguous(), img[:, :1].repeat(1, 3, 1, 1))
 
@@ -63,7 +64,7 @@ def test_decode_image_is_crop_then_bicubic():
     data = buf.getvalue()
     decoded = Image.open(io.BytesIO(data)).convert("L")
     for size in (48, 160):  # down- and upscaling
-        out = wds_loader.decode_image(data, "k", size, False, 0, 0, (0.2, 1.0), (3 / 4, 4 / 3))
+        out = transforms.decode_image(data, "k", size, False, 0, 0, (0.2, 1.0), (3 / 4, 4 / 3))
         assert out.shape == (size, size) and out.dtype == np.uint8
         x = (120 - 90) // 2
         ref = np.asarray(decoded.crop((x, 0, x + 90, 90)).resize((size, size), Image.BICUBIC), dtype=np.int16)
@@ -72,7 +73,7 @@ def test_decode_image_is_crop_then_bicubic():
     big = np.asarray(Image.fromarray(base).resize((1200, 900), Image.BICUBIC))
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="JPEG", quality=95)
-    out = wds_loader.decode_image(buf.getvalue(), "k", 64, False, 0, 0, (0.2, 1.0), (3 / 4, 4 / 3))
+    out = transforms.decode_image(buf.getvalue(), "k", 64, False, 0, 0, (0.2, 1.0), (3 / 4, 4 / 3))
     x = (1200 - 900) // 2
     ref = np.asarray(Image.fromarray(big).crop((x, 0, x + 900, 900)).resize((64, 64), Image.BICUBIC), dtype=np.int16)
     assert np.abs(out.astype(np.int16) - ref).mean() < 2.0
@@ -111,7 +112,7 @@ def test_wds_interrupted_iteration_continues(shards):
     _same(got, ref)
 
 
-def test_wds_buffer_ring_keeps_batches_intact(shards, monkeypatch):
+def test_wds_buffer_ring_keeps_batches_intact(shards):
     """Reused shared-memory buffers (smallest ring: prefetch 1) never hand out a batch overwritten early."""
     c = cfg(shards, "wds", workers=2, batch_size=4, prefetch=1)
     loader = build_loader(c, 0, 1)
@@ -123,8 +124,7 @@ def test_wds_buffer_ring_keeps_batches_intact(shards, monkeypatch):
                 time.sleep(0.05)  # let the workers fill their queues
     assert len(loader._ring_refs) >= 2 and loader._busy.shape == (2, 3)  # buffers were reused
     loader.close()
-    monkeypatch.setattr(wds_loader, "RING", False)  # workers fork after this: fresh buffers per batch
-    loader = build_loader(c, 0, 1)
+    loader = build_loader(dataclasses.replace(c, buffer_ring=False), 0, 1)  # fresh buffers per batch
     fresh = [b for _ in range(2) for b in epoch(loader)]
     assert not loader._ring_refs
     _same(ring, fresh)

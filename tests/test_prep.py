@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrm_scale.data import shardformat as sf
+from mrm_scale.formats import shards as sf
 from mrm_scale.data.prep import PrepError, PrepOptions, run_prep
 from mrm_scale.data.tokenizer import decode_ids, load_tokenizer
 from mrm_scale.data.verify import verify_dir

@@ -7,7 +7,7 @@ import os
 import deepspeed
 import pytest
 
-from mrm_scale.train.config import RunConfigError, add_arguments, resolve_ds_config
+from mrm_scale.train.config import PretrainArgs, RunConfigError, add_arguments, resolve_ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2 = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
@@ -15,8 +15,8 @@ ZERO2 = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
 
 def resolve(flags, world=2, steps_per_epoch=100, ds=ZERO2):
     parser = argparse.ArgumentParser(conflict_handler="resolve")
-    args = add_arguments(deepspeed.add_config_arguments(parser)).parse_args(flags)
-    return resolve_ds_config(ds, args, world, steps_per_epoch, "/tmp/run")
+    args = PretrainArgs.from_namespace(add_arguments(deepspeed.add_config_arguments(parser)).parse_args(flags))
+    return resolve_ds_config(ds, args.train, world, steps_per_epoch, "/tmp/run")[0]
 
 
 def test_batch_flags_fill_the_json_and_lr_scales_with_the_global_batch():

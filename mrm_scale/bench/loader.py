@@ -46,10 +46,9 @@ def export_baseline(shards: str, split: str, out: str) -> str:
     """Write the shards' images (as stored) and reports to ``out/images`` + ``out/baseline.csv``."""
     import csv
 
-    from mrm_scale.data import shardformat as sf
-    from mrm_scale.data.loader import read_manifest
+    from mrm_scale.formats import shards as sf
 
-    manifest = read_manifest(shards)
+    manifest = sf.read_manifest(shards)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     path = os.path.join(out, "baseline.csv")
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -74,7 +73,7 @@ class PaperDataset:
         from tokenizers import Tokenizer
         from torchvision import transforms as T
 
-        from mrm_scale.data import shardformat as sf
+        from mrm_scale.data import transforms
 
         root = os.path.dirname(os.path.abspath(csv_path))
         with open(csv_path, newline="", encoding="utf-8") as f:
@@ -87,7 +86,7 @@ class PaperDataset:
             T.RandomHorizontalFlip(),
             T.Grayscale(num_output_channels=3),
             T.ToTensor(),
-            T.Normalize([sf.IMAGE_MEAN] * 3, [sf.IMAGE_STD] * 3),
+            T.Normalize([transforms.IMAGE_MEAN] * 3, [transforms.IMAGE_STD] * 3),
         ])
         self._open = Image.open
 
@@ -199,16 +198,17 @@ def _loadavg() -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mrm_scale.data import shardformat as sf
-    from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, read_manifest
+    from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
+    from mrm_scale.formats import shards as sf
+    from mrm_scale.formats.tokenizer import TokenizerIdentity
 
     try:
-        manifest = read_manifest(args.shards)
+        manifest = sf.read_manifest(args.shards)
         cfg = LoaderConfig(shards=args.shards, split=args.split, backend=args.backend, batch_size=args.batch_size,
                            image_size=args.image_size, max_tokens=int(manifest["max_tokens"]), workers=args.workers,
                            seed=args.seed, device=args.device, augment=True, shuffle=True)
         loader = build_loader(cfg, rank=0, world_size=1)
-    except LoaderError as e:
+    except (LoaderError, sf.ManifestError) as e:
         print(f"mrm-scale bench loader: error: {e}", file=sys.stderr)
         return 2
     result = {"bench": "loader", "backend": args.backend, "workers": args.workers, "batch_size": args.batch_size,
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         csv_path = export_baseline(args.shards, args.split, args.export_baseline)
         print(f"baseline CSV written: {csv_path}")
     if csv_path:
-        ds = PaperDataset(csv_path, os.path.join(args.shards, manifest["tokenizer"].get("file", sf.TOKENIZER)),
+        ds = PaperDataset(csv_path, TokenizerIdentity.from_dict(manifest["tokenizer"]).path(args.shards),
                           args.image_size, int(manifest["max_tokens"]))
         if len(ds) < args.batch_size:
             print(f"mrm-scale bench loader: error: {csv_path} lists {len(ds)} rows, fewer than one batch",

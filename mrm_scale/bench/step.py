@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "own rule for short half-precision stacks applies inside (see --cpu-math-attention-max-tokens)")
     p.add_argument("--cpu-math-attention-max-tokens", type=int, default=None, metavar="T",
                    help="the model's CPU rule: bf16 stacks of <= T tokens use the unfused SDPA kernel (default: "
-                   "mrm_scale.model.mrm.CPU_MATH_ATTENTION_MAX_TOKENS; 0 = flash everywhere)")
+                   "the preset's cpu_math_attention_max_tokens, 128; 0 = flash everywhere)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -173,6 +173,7 @@ def build(args, device):
     """(model, optimizer, batch, cfg) for the step."""
     import torch
 
+    from mrm_scale.formats.tokenizer import TokenizerIdentity
     from mrm_scale.model import build_model, get_preset, param_groups
     from mrm_scale.model.flops import synthetic_batch
     from mrm_scale.model.presets import parse_overrides
@@ -180,9 +181,10 @@ def build(args, device):
     cfg = get_preset(args.preset, **parse_overrides(args.overrides))
     if args.grad_checkpointing:
         cfg = cfg.replace(grad_checkpointing=True)
+    if args.cpu_math_attention_max_tokens is not None:
+        cfg = cfg.replace(cpu_math_attention_max_tokens=args.cpu_math_attention_max_tokens).validate()
     torch.manual_seed(args.seed)
-    ids = dict(vocab_size=args.vocab_size, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
-    model = build_model(cfg, **ids).to(device)
+    model = build_model(cfg, **TokenizerIdentity.canonical(args.vocab_size).model_ids()).to(device)
     batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=device, seed=args.seed)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)  # what the DeepSpeed engine does with bf16 enabled
@@ -195,6 +197,11 @@ def build(args, device):
 
         compile_blocks(model)
     return model, optimizer, batch, cfg
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    """``x`` to ``digits`` significant figures: ratios of printed figures stay exact to 1e-4 at any scale."""
+    return float(f"{x:.{digits}g}")
 
 
 def train_step(model, optimizer, batch, seed: int):
@@ -228,18 +235,6 @@ def profile_step(model, optimizer, batch, seed: int, top: int, device) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
-def run(args: argparse.Namespace) -> int:
-    from mrm_scale.model import mrm as mrm_module
-
-    saved = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
-    if args.cpu_math_attention_max_tokens is not None:
-        mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = args.cpu_math_attention_max_tokens
-    try:
-        return _run(args, mrm_module)
-    finally:
-        mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = saved  # a module setting: not left behind in this process
-
-
 def _variant(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``--against``'s flags applied on top."""
     import copy
@@ -252,7 +247,7 @@ def _variant(args: argparse.Namespace) -> argparse.Namespace:
     return p.parse_args(shlex.split(args.against), namespace=b)
 
 
-def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
+def _run_ab(args: argparse.Namespace, device) -> int:
     """Two steps (A: the flags, B: the flags + ``--against``) timed alternately, A B B A ..., so both see the
     same machine load; the module-wide CPU attention rule is switched to each side's value around its step
     (:func:`run` restores the process's own afterwards)."""
@@ -266,7 +261,6 @@ def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
     if b_args.preset != args.preset or b_args.batch != args.batch or b_args.device != args.device:
         print("mrm-scale bench step: --against may not change --preset, --batch or --device", file=sys.stderr)
         return 2
-    default_rule = mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS
     sides = {}
     for name, a in (("a", args), ("b", b_args)):
         try:
@@ -274,13 +268,11 @@ def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
         except ValueError as e:
             print(f"mrm-scale bench step: {e}", file=sys.stderr)
             return 2
-        rule = default_rule if a.cpu_math_attention_max_tokens is None else a.cpu_math_attention_max_tokens
-        sides[name] = dict(args=a, model=model, optimizer=optimizer, batch=batch, cfg=cfg, rule=rule, times=[],
-                           losses=[])
+        sides[name] = dict(args=a, model=model, optimizer=optimizer, batch=batch, cfg=cfg,
+                           rule=cfg.cpu_math_attention_max_tokens, times=[], losses=[])
     for i in range(args.warmup + args.steps):
         for name in (("a", "b") if i % 2 == 0 else ("b", "a")):
             side = sides[name]
-            mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS = side["rule"]
             with _sdpa_context(side["args"].sdpa):
                 loss, dt = timed_step(side["model"], side["optimizer"], side["batch"], args.seed + i, device)
             side["losses"].append(loss)
@@ -299,7 +291,7 @@ def _run_ab(args: argparse.Namespace, mrm_module, device) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, mrm_module) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
@@ -313,7 +305,7 @@ def _run(args: argparse.Namespace, mrm_module) -> int:
         print("mrm-scale bench step: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
     if args.against:
-        return _run_ab(args, mrm_module, device)
+        return _run_ab(args, device)
     try:
         model, optimizer, batch, cfg = build(args, device)
     except ValueError as e:
@@ -351,15 +343,15 @@ def _run(args: argparse.Namespace, mrm_module) -> int:
                                                else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "optimizer": f"AdamW({args.optimizer}) + clip {CLIP_NORM}",
         "compile": args.compile, "sdpa": args.sdpa, "grad_checkpointing": cfg.grad_checkpointing,
-        "cpu_math_attention_max_tokens": mrm_module.CPU_MATH_ATTENTION_MAX_TOKENS,
+        "cpu_math_attention_max_tokens": cfg.cpu_math_attention_max_tokens,
         "steps": args.steps, "warmup": args.warmup,
         "step_s": round(step_s, 5), "step_s_all": [round(t, 4) for t in times],
-        "samples_per_s": round(samples_per_s, 4),
-        "model_gflop_per_sample": round(gflop, 4),
+        "samples_per_s": _sig(samples_per_s),
+        "model_gflop_per_sample": _sig(gflop),
         "masked_tokens_per_sample": flops["masked_tokens_per_sample"],
-        "achieved_gflop_s": round(achieved, 3),
-        "peak_gflop_s": round(peak.median, 3), "peak_matmul": f"{peak.n}x{peak.n} {args.precision}",
-        "mfu": round(achieved / peak.median, 4),
+        "achieved_gflop_s": _sig(achieved),
+        "peak_gflop_s": _sig(peak.median), "peak_matmul": f"{peak.n}x{peak.n} {args.precision}",
+        "mfu": _sig(achieved / peak.median),
         "loss_first": losses[0], "loss_last": losses[-1],
         "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }

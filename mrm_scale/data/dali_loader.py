@@ -3,11 +3,12 @@
 One pipeline per rank and epoch. The reader gets all tars in the epoch's shard order with
 ``num_shards=world_size, shard_id=rank, stick_to_shard=True`` (the contiguous range of the plan in
 :mod:`mrm_scale.data.loader`) and shuffles within ``initial_fill`` samples, seeded from (seed, epoch, rank).
-Images: ``decoders.image_random_crop`` (RandomResizedCrop: area 0.2–1.0, aspect 3/4–4/3; only the crop is
+Images: ``decoders.image_random_crop`` (RandomResizedCrop with ``cfg.crop_scale``/``crop_ratio``, the image pipeline's defaults
+(:mod:`mrm_scale.data.transforms`); only the crop is
 decoded) to grayscale, cubic ``resize`` to S×S whose ROI runs right-to-left on a coin flip (the mirror,
 without a pass of its own); the pipeline's output is the uint8 gray batch. Validation: the centred square of
 the shorter side is decoded alone (``decoders.image_crop``) and resized to S×S. Normalising to float and the
-3-channel view (``expand``, no copy) happen once per batch in torch (:func:`~mrm_scale.data.loader.
+3-channel view (``expand``, no copy) happen once per batch in torch (:func:`~mrm_scale.data.transforms.
 normalise_gray` reads DALI's CPU output buffer in place). On CUDA the decoder runs ``mixed`` (nvJPEG /
 hardware decoder), the image ops and the normalisation on the GPU; on CPU the pipeline uses
 ``device_id=None``. Token members are read as int32/uint8 arrays (``dtypes=``), keys come
@@ -32,11 +33,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mrm_scale.data import shardformat as sf
-from mrm_scale.data.loader import (
-    TAG_DALI_PIPE, TAG_DALI_READER, TAG_RESAMPLE, LoaderError, ShardDataError, StreamingLoader,
-    key_from_source_info, labels_value, normalise_gray, seed_for, shard_order, token_tensors,
+from mrm_scale.formats import shards as sf
+from .seeds import TAG_DALI_PIPE, TAG_DALI_READER, TAG_RESAMPLE, seed_for
+from .streaming import (
+    LoaderError, ShardDataError, StreamingLoader, key_from_source_info, labels_value, shard_order, token_tensors,
 )
+from .transforms import normalise_gray
 
 log = logging.getLogger("mrm_scale.data.loader")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .transforms import to_grayscale, to_uint8
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MIN_SIDE = 16
 
@@ -31,15 +33,6 @@ class EncodedImage:
     orig_size: tuple[int, int]  # (width, height) as read
     size: tuple[int, int]  # (width, height) as stored
     meta: dict  # e.g. DICOM view position / photometric interpretation
-
-
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Linearly rescale any numeric array to the full 0..255 range (constant arrays become 0)."""
-    arr = np.asarray(arr, dtype=np.float64)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def _is_dicom(path: str, head: bytes) -> bool:
@@ -77,17 +70,6 @@ def read_dicom(path: str) -> tuple[Image.Image, dict]:
         out = 255 - out
     meta = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric, "dicom": True}
     return Image.fromarray(out, "L"), meta
-
-
-def to_grayscale(img: Image.Image) -> Image.Image:
-    """Any PIL mode → ``L``. Alpha is dropped (radiographs with alpha keep their pixel values)."""
-    if img.mode == "L":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(to_uint8(np.asarray(img)), "L")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA").convert("RGB") if img.mode != "LA" else img.convert("L")
-    return img.convert("L")
 
 
 def read_image(path: str) -> tuple[Image.Image, dict]:

@@ -23,7 +23,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from . import shardformat as sf
+from mrm_scale.formats import files
+from mrm_scale.formats import shards as sf
+from mrm_scale.formats.tokenizer import TOKENIZER_FILE
 from .images import ImageError, load_and_encode, prepare_image
 from .sources import Candidate, SourceError, list_mimic, list_openi, list_synthetic, list_table
 from .tokenizer import (TokenizerError, encode_reports, load_tokenizer, tokenizer_bytes, tokenizer_info,
@@ -109,10 +111,6 @@ class PrepResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
 
 def _assign_split(c: Candidate, val_fraction: float) -> str:
     if c.split in ("train", "val", "test"):
@@ -200,7 +198,7 @@ def _shard_is_intact(out: str, plan: ShardPlan) -> dict | None:
     tar = os.path.join(out, plan.name)
     idx = os.path.join(out, sf.index_name(plan.name))
     try:
-        if sf.sha256_file(tar) != state["sha256"]:
+        if files.sha256_file(tar) != state["sha256"]:
             return None
         with open(idx) as f:
             if f.read() != "\n".join(sf.index_lines(tar)) + "\n":
@@ -263,7 +261,7 @@ def run_prep(opt: PrepOptions) -> PrepResult:
 def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
     tok, tok_data = _tokenizer(opt, [c.report for c in by_split["train"]] or [c.report for c in usable])
     tok_meta = tokenizer_info(tok, tok_data, opt.tokenizer)
-    sf.write_atomic(os.path.join(opt.out, sf.TOKENIZER), tok_data)
+    files.write_atomic(os.path.join(opt.out, TOKENIZER_FILE), tok_data)
 
     plans: list[ShardPlan] = []
     for split, cands in by_split.items():
@@ -286,7 +284,7 @@ def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
         _build_shards(opt, todo, tok, tok_meta, states, pool)
 
     manifest = _manifest(opt, plans, states, tok_meta, rejected, excluded)
-    sf.write_atomic(os.path.join(opt.out, sf.MANIFEST), _json_bytes(manifest))
+    sf.write_manifest(opt.out, manifest)
     result = PrepResult(opt.out, manifest, time.time() - t0, kept, [p.name for p in todo])
     if result.accepted == 0:
         raise PrepError(f"{opt.out}: nothing was accepted ({len(manifest['rejected'])} rejected); "
@@ -295,7 +293,7 @@ def _prepare(opt, t0, by_split, usable, rejected, excluded, pool) -> PrepResult:
 
 
 def _tokenizer(opt: PrepOptions, train_reports: list[str]):
-    saved = os.path.join(opt.out, sf.TOKENIZER)
+    saved = os.path.join(opt.out, TOKENIZER_FILE)
     try:
         if opt.tokenizer != "train":
             tok, added = load_tokenizer(opt.tokenizer)
@@ -315,8 +313,8 @@ def _tokenizer(opt: PrepOptions, train_reports: list[str]):
             raise PrepError("no usable report to train a tokenizer on; fix the reports or pass --tokenizer PATH")
         tok = train_wordpiece(train_reports, opt.vocab_size)
         data = tokenizer_bytes(tok)
-        sf.write_atomic(saved, data)  # the vocabulary first, then the stamp that lets a re-run reuse it
-        sf.write_atomic(stamp, key.encode())
+        files.write_atomic(saved, data)  # the vocabulary first, then the stamp that lets a re-run reuse it
+        files.write_atomic(stamp, key.encode())
         return tok, data
     except (TokenizerError, OSError) as e:
         raise PrepError(f"--tokenizer: {e}") from None
@@ -379,13 +377,13 @@ def _write_shard(out: str, plan: ShardPlan, samples, rejected, stats) -> dict:
         sf.write_index(tmp, idx + ".partial")
         os.replace(tmp, tar)
         os.replace(idx + ".partial", idx)
-        state["sha256"] = sf.sha256_file(tar)
+        state["sha256"] = files.sha256_file(tar)
         state["bytes"] = os.path.getsize(tar)
     else:  # every candidate of this shard was rejected: no (empty) tar is written
         for p in (tar, idx):
             if os.path.exists(p):
                 os.remove(p)
-    sf.write_atomic(_state_path(out, plan.name), _json_bytes(state))
+    files.write_atomic(_state_path(out, plan.name), files.json_bytes(state))
     return state
 
 

@@ -6,7 +6,6 @@ first piece of every pre-tokenised word (so ``##`` pieces follow their word unde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -15,7 +14,9 @@ from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from mrm_scale.formats.files import sha256_bytes
+from mrm_scale.formats.tokenizer import HF_SPECIAL_TOKENS, SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerIdentity, id_field
+
 PLACEHOLDERS = ("___", "xxxx")  # de-identification placeholders, one token each (after lower-casing)
 
 
@@ -65,7 +66,7 @@ def special_ids(tok: Tokenizer, origin: str) -> dict[str, int]:
             raise TokenizerError(
                 f"{origin}: tokenizer has no {name} token; MRM needs {', '.join(SPECIAL_TOKENS)} "
                 "(train one with --tokenizer train)")
-        ids[name.strip("[]").lower() + "_id"] = i
+        ids[id_field(name)] = i
     return ids
 
 
@@ -88,11 +89,9 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, list[str]]:
 
 
 def tokenizer_info(tok: Tokenizer, data: bytes, origin: str) -> dict:
-    """The manifest's ``tokenizer`` entry."""
-    info = {"file": "tokenizer.json", "sha256": hashlib.sha256(data).hexdigest(),
-            "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
-    info.update(special_ids(tok, origin))
-    return info
+    """The manifest's ``tokenizer`` entry (:class:`~mrm_scale.formats.tokenizer.TokenizerIdentity`)."""
+    return TokenizerIdentity(vocab_size=tok.get_vocab_size(with_added_tokens=True), sha256=sha256_bytes(data),
+                             file=TOKENIZER_FILE, **special_ids(tok, origin)).to_dict()
 
 
 def encode_reports(tok: Tokenizer, reports: list[str], max_tokens: int) -> list[tuple[list[int], list[bool], int]]:
@@ -140,3 +139,17 @@ def word_positions(tok: Tokenizer, input_ids, word_start, attention_mask, words)
             if "".join(p for _, p in span).lower() in words:
                 out[r, [c for c, _ in span]] = True
     return out
+
+
+def hf_tokenizer(tokenizer_json: str, max_tokens: int):
+    """A transformers fast tokenizer over the shards' ``tokenizer.json`` that encodes like prep did:
+    ``[CLS] pieces [SEP]``, truncated to ``max_tokens``."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_tokens, **HF_SPECIAL_TOKENS)

@@ -19,7 +19,9 @@ import tarfile
 
 from PIL import Image
 
-from . import shardformat as sf
+from mrm_scale.formats import files
+from mrm_scale.formats import shards as sf
+from mrm_scale.formats.tokenizer import TOKENIZER_FILE
 
 
 def check_sample(key: str, parts: dict[str, bytes], max_tokens: int, tok: dict) -> list[str]:
@@ -78,7 +80,7 @@ def check_shard(args: tuple[str, dict, int, dict]) -> tuple[list[str], list[str]
     problems, keys = [], []
     if os.path.getsize(tar) != entry["bytes"]:
         problems.append(f"{name}: {os.path.getsize(tar)} bytes, manifest says {entry['bytes']}")
-    if sf.sha256_file(tar) != entry["sha256"]:
+    if files.sha256_file(tar) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from manifest.json (shard changed or damaged); re-run mrm-scale prep "
                         "with the same --out to rebuild it")
     try:
@@ -106,19 +108,18 @@ def verify_dir(folder: str, workers: int = 1) -> tuple[list[str], dict]:
     if not os.path.isfile(mpath):
         return [f"{mpath}: no manifest; this folder was not written by mrm-scale prep (or prep did not finish)"], {}
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        return [f"{mpath}: not valid JSON ({e})"], {}
+        manifest = sf.read_manifest(folder, check=False)  # every problem is listed below, not only the first
+    except sf.ManifestError as e:
+        return [str(e)], {}
     problems = []
     if manifest.get("format") != sf.FORMAT_VERSION:
         problems.append(f"{mpath}: format {manifest.get('format')!r}, expected {sf.FORMAT_VERSION!r}")
     tok = manifest.get("tokenizer", {})
-    tpath = os.path.join(folder, tok.get("file", sf.TOKENIZER))
+    tpath = os.path.join(folder, tok.get("file") or TOKENIZER_FILE)
     if not os.path.isfile(tpath):
         problems.append(f"{tpath}: tokenizer file missing")
     else:
-        if sf.sha256_file(tpath) != tok.get("sha256"):
+        if files.sha256_file(tpath) != tok.get("sha256"):
             problems.append(f"{tpath}: sha256 differs from manifest.json's tokenizer entry")
         from tokenizers import Tokenizer
 

@@ -1,12 +1,11 @@
 """WebDataset backend: ``webdataset`` tar streaming + torch ``DataLoader`` worker processes.
 
-Each rank's sample range of the epoch plan (:mod:`mrm_scale.data.loader`) is split into W contiguous worker
+Each rank's sample range of the epoch plan (:mod:`mrm_scale.data.streaming`) is split into W contiguous worker
 ranges, from our own rank/world size (``torch.distributed`` need not be initialised). A worker reads the
 tars overlapping its range - local tars with their index by offset (only the members it needs), anything
-else (brace patterns, ``pipe:`` and other webdataset URLs) with webdataset's tar iterators - shuffles within a seeded buffer, decodes and augments (PIL decode,
-RandomResizedCrop with torchvision's parameter rule, crop then antialiased bicubic resize on uint8, flip;
-the random numbers come from (seed, epoch, key), so a sample's augmentation does not depend on rank or
-worker) and collates full batches itself. The ``DataLoader`` returns worker batches in order, round robin;
+else (brace patterns, ``pipe:`` and other webdataset URLs) with webdataset's tar iterators - shuffles within a seeded buffer, decodes and augments with the image pipeline
+(:func:`mrm_scale.data.transforms.decode_image`: the random numbers come from (seed, epoch, key), so a sample's
+augmentation does not depend on rank or worker) and collates full batches itself. The ``DataLoader`` returns worker batches in order, round robin;
 every worker delivers the same number of batches per epoch, so batch i of the epoch is batch i // W of
 worker i % W — deterministic.
 
@@ -28,7 +27,6 @@ counts. A worker whose range ran short re-reads its range (new shuffle) to fill 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -39,86 +37,21 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mrm_scale.data import shardformat as sf
-from mrm_scale.data.loader import (
-    TAG_AUGMENT, TAG_RESAMPLE, TAG_WDS_SHUFFLE, LoaderError, ShardDataError, StreamingLoader, _is_local, key_hash,
-    labels_value, normalise_gray, reader_quota, seed_for, segments, shard_order, split_range, token_tensors,
+from mrm_scale.formats import shards as sf
+from .seeds import TAG_RESAMPLE, TAG_WDS_SHUFFLE, seed_for
+from .streaming import (
+    LoaderError, ShardDataError, StreamingLoader, is_local, labels_value, reader_quota, segments, shard_order,
+    split_range, token_tensors,
 )
+from .transforms import decode_image, normalise_gray
 
 log = logging.getLogger("mrm_scale.data.loader")
 
 MAX_EVENTS = 1000  # bad-sample records kept on the loader
-RING = True  # workers reuse shared-memory batch buffers (see _Stream._buffers)
+RING_SLOTS_EXTRA = 2  # ring slots per worker beyond its prefetched batches (one being copied out, one spare)
 RING_WAIT_S = 5.0  # longest wait for a ring slot before a one-off buffer is used
-
-
-# ------------------------------------------------------------------------------------------ transforms
-
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
-                            ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(left, top, w, h) of a RandomResizedCrop: the rule torchvision uses (10 tries, then a centre crop)."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-DRAFT_GAP = 2.0  # decode a JPEG at 1/2, 1/4, 1/8 scale only while the crop stays >= this × the output size
-
-
-def decode_image(data: bytes, key: str, size: int, augment: bool, seed: int, epoch: int,
-                 scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
-    """JPEG bytes -> uint8 (size, size) gray crop (train: random crop + flip; else centre crop).
-
-    Crop, then bicubic resize with antialiasing on the uint8 crop (torch's PIL-compatible kernel: the
-    crop-then-resize of torchvision's RandomResizedCrop, faster than PIL's resize). A JPEG much larger than
-    the crop is decoded at a reduced DCT scale (PIL ``draft``) while the crop keeps at least ``DRAFT_GAP``
-    times the output size, as PIL's own ``reducing_gap`` does. Normalising to float happens once per
-    batch in the main process (:func:`mrm_scale.data.loader.normalise_gray`).
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        if augment:
-            rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
-            x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
-            flip = rng.random() < 0.5
-        else:  # resize the shorter side to `size`, centre crop
-            w = h = min(width, height)
-            x, y, flip = (width - w) // 2, (height - h) // 2, False
-        red = 1
-        while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
-            red *= 2
-        if red > 1 and im.format == "JPEG":
-            im.draft("L", ((width + red - 1) // red, (height + red - 1) // red))
-            red = width / im.size[0]  # the scale the decoder chose
-            x, y, w, h = (int(x / red), int(y / red), max(1, int(round(w / red))), max(1, int(round(h / red))))
-            x, y = min(x, im.size[0] - w), min(y, im.size[1] - h)
-        im.load()
-        gray = im if im.mode == "L" else im.convert("L")
-        # crop in PIL first: converting a freshly decoded image to numpy is slow, a cropped copy is not
-        out = np.array(gray.crop((x, y, x + w, y + h)))
-    if (h, w) != (size, size):
-        out = F.interpolate(torch.from_numpy(out)[None, None], size=(size, size), mode="bicubic",
-                            antialias=True, align_corners=False)[0, 0].numpy()
-    return out[:, ::-1] if flip else out
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -279,7 +212,7 @@ class _Stream(IterableDataset):
                  busy: torch.Tensor | None = None):
         self.cfg, self.urls, self.counts, self.indexes = cfg, urls, counts, indexes
         self.exts = frozenset(["jpg", "ids", "flags"] + (["json"] if cfg.labels else []))
-        self.busy = busy  # shared (worker slots, RING) int32 flags of the batch buffer ring, or None
+        self.busy = busy  # shared (worker slots, ring slots) int32 flags of the batch buffer ring, or None
         self._ring: list | None = None
         self._next = 0
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
@@ -290,7 +223,7 @@ class _Stream(IterableDataset):
     def _read(self, i: int, start: int, stop: int, counters: _Counters, first_pass: bool = True) -> Iterator[dict]:
         """Samples ``[start, stop)`` of shard ``i``: by its index when local (fast), else through webdataset."""
         url, idx = self.urls[i], self.indexes[i]
-        if idx is not None and _is_local(url):
+        if idx is not None and is_local(url):
             return read_indexed(url, idx, start, stop, counters, first_pass, self.exts)
         return read_segment(url, start, stop, counters, first_pass)
 
@@ -385,7 +318,7 @@ class _Stream(IterableDataset):
     def _buffers(self) -> tuple[tuple[int, int] | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Batch buffers (image uint8 (B, 1, S, S), ids int32 (B, L), flags uint8 (B, L)) to collate into.
 
-        In a worker process they live in shared memory and are reused round robin (``RING`` per worker):
+        In a worker process they live in shared memory and are reused round robin (``cfg.buffer_ring``):
         the main process copies a batch out as soon as it arrives and marks its slot free in ``busy``, so
         the pages are faulted in once instead of for every batch. Should a slot stay busy (it cannot while
         the protocol holds), a one-off buffer is used. Returns ((worker slot, ring slot) or None, buffers).
@@ -396,7 +329,7 @@ class _Stream(IterableDataset):
         info = get_worker_info()
         if info is None:  # in-process (workers=0): plain memory
             return None, tuple(torch.empty(shape, dtype=dt) for shape, dt in shapes)
-        if self.busy is None or not RING:
+        if self.busy is None or not cfg.buffer_ring:
             return None, tuple(_shared_empty(shape, dtype=dt) for shape, dt in shapes)
         if self._ring is None:
             self._ring, self._next = [None] * self.busy.shape[1], 0
@@ -500,7 +433,8 @@ class WdsLoader(StreamingLoader):
         # batch buffer ring: a worker has at most `prefetch` batches queued plus one being copied out here
         self._busy = None
         if cfg.workers > 0:
-            self._busy = torch.zeros((cfg.workers, max(1, cfg.prefetch) + 2), dtype=torch.int32).share_memory_()
+            slots = max(1, cfg.prefetch) + RING_SLOTS_EXTRA
+            self._busy = torch.zeros((cfg.workers, slots), dtype=torch.int32).share_memory_()
         ds = _Stream(cfg, [s.url for s in shards], self.shardset.counts, [s.index for s in shards], self.epoch,
                      self.rank, self.world_size, self.steps, self.batch, list(self._pos), list(self._bad), self._busy)
         kw = {}

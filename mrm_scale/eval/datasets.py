@@ -6,8 +6,8 @@ Two sources, the same :class:`LabelledSet` (keys, a float label matrix with NaN 
   DALI index files (member offsets) and reads samples by random access, so every sample of val/test is scored
   exactly once and training subsets can be drawn by key. (The streaming loaders drop partial batches and read
   whole epochs, which suits pretraining, not scoring.) Labels go through the loader's own ``labels=`` conversion
-  (:func:`mrm_scale.data.loader.labels_value`) and images through its decoder
-  (:func:`mrm_scale.data.wds_loader.decode_image`), so pixels and labels are the loader's.
+  (:func:`mrm_scale.data.streaming.labels_value`) and images through the image pipeline
+  (:func:`mrm_scale.data.transforms.decode_image`), so pixels and labels are the loader's.
 - **Split files** in the original MRM fine-tuning format: one image per line, ``relative/path label1 label2 ...``
   (multi-label, e.g. ChestX-ray14/CheXpert lists) or ``FILENAME LABEL`` (binary, e.g. the COVID splits), paths
   relative to ``--image-root``. :func:`split_file_set` reads one file; listed images that are missing or do not
@@ -26,7 +26,6 @@ Label fractions: :func:`draw_subset` picks a fixed, seeded subset of the trainin
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -36,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mrm_scale.data import shardformat as sf
-from mrm_scale.data.loader import labels_value, normalise_gray, read_manifest
+from mrm_scale.formats import shards as sf
+from mrm_scale.data.streaming import labels_value
+from mrm_scale.data.transforms import decode_image, normalise_gray
 
 log = logging.getLogger("mrm_scale.eval.datasets")
 
@@ -102,7 +102,7 @@ def default_classes(label_dicts: list[dict]) -> list[str]:
 
 def shard_set(shards: str, split: str, classes: list[str] | None = None) -> LabelledSet:
     """Index split ``split`` of a shard folder (every sample, labels from ``KEY.json``)."""
-    manifest = read_manifest(shards)
+    manifest = sf.read_manifest(shards)
     where = os.path.join(shards, sf.MANIFEST)
     entries = manifest["splits"].get(split, {}).get("shards") or []
     if not entries:
@@ -212,27 +212,12 @@ def split_file_set(path: str, image_root: str, classes: list[str] | None = None)
 # ----------------------------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------------------------
-_EXOTIC_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
-
-
 def load_image(data: bytes, key: str, size: int, channels: int, augment: bool, seed: int = 0,
                epoch: int = 0) -> np.ndarray:
-    """Image bytes -> normalised float32 (channels, size, size): the loader's own crop/resize
-    (:func:`~mrm_scale.data.wds_loader.decode_image`) and normalisation (corpus mean/std); 16-bit/float images
-    are first rescaled to 8 bits."""
-    from PIL import Image
-
-    from mrm_scale.data.wds_loader import decode_image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode in _EXOTIC_MODES:
-            from mrm_scale.data.images import to_grayscale
-
-            buf = io.BytesIO()
-            to_grayscale(im).save(buf, format="PNG")
-            data = buf.getvalue()
-    arr = decode_image(data, key, size, augment, seed, epoch, (0.2, 1.0), (3 / 4, 4 / 3))  # uint8 (S, S)
-    return normalise_gray(arr[None, None], channels)[0].contiguous().numpy()  # the loader's normalisation
+    """Image bytes -> normalised float32 (channels, size, size) through the loader's image pipeline
+    (:mod:`mrm_scale.data.transforms`: 16-bit/float images windowed to 8 bits, crop/resize, normalisation)."""
+    arr = decode_image(data, key, size, augment, seed, epoch)  # uint8 (S, S)
+    return normalise_gray(arr[None, None], channels)[0].contiguous().numpy()
 
 
 class ImageDataset(Dataset):

@@ -35,7 +35,7 @@ from .datasets import (
     DataSetError, ImageDataset, LabelledSet, draw_subset, read_subset, shard_set, split_file_set, split_for_test,
     write_subset,
 )
-from .export import ExportError, load_encoder_weights
+from .loading import ExportError, load_encoder_weights
 from .probe import (
     Classifier, apply_head, auc_table, cosine_lr, fit_linear_probe, init_encoder_weights, layer_decay_groups,
     masked_bce,

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+from mrm_scale.formats.tokenizer import TokenizerIdentity
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -96,7 +98,8 @@ def synthetic_batch(
 ) -> dict:
     """A batch in the loader's contract: random image, full-length reports ``[CLS] words... [SEP]`` (70% of
     pieces start a word). On the meta device only the shapes are real."""
-    ids = {"pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2, "mask_token_id": 3, **(special_ids or {})}
+    canonical = TokenizerIdentity.canonical(vocab_size).model_ids()  # the ids prep's trained vocabularies use
+    ids = {k: v for k, v in canonical.items() if k != "vocab_size"} | dict(special_ids or {})
     device = torch.device(device)
     b, length = batch_size, cfg.max_tokens
     if device.type == "meta":

@@ -44,10 +44,12 @@ def _vocab_size(args) -> int:
 
 def describe(cfg: MRMConfig, vocab_size: int, count: str = "meta", batch_size: int = 1) -> dict:
     """Parameter counts and training FLOPs per sample for one config (the row ``model-info`` prints)."""
+    from mrm_scale.formats.tokenizer import TokenizerIdentity
+
     from .flops import count_training_flops, formula_training_flops, synthetic_batch
     from .mrm import build_model
 
-    ids = dict(vocab_size=vocab_size, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    ids = TokenizerIdentity.canonical(vocab_size).model_ids()
     device = "cpu" if count == "cpu" else "meta"
     model = build_model(cfg, device=device, **ids)
     row: dict = {"preset": cfg.name, "params": model.parameter_counts(), "vocab_size": vocab_size}

@@ -43,29 +43,30 @@ NORM_PIX_EPS = 1e-6
 # sequences (2-3x the unfused kernel on the encoder's 50 visible tokens and the report's 100); the unfused "math"
 # kernel computes half-precision inputs in fp32 on CPU (softmax included). Stacks whose sequences are at most this
 # long use it on CPU; longer ones (the pixel decoder's 197 tokens) and every CUDA tensor keep torch's choice
-# (flash). 0 switches the rule off. Measured with `mrm-scale bench step` (README, Performance).
-CPU_MATH_ATTENTION_MAX_TOKENS = 128
+# (flash). 0 switches the rule off. The threshold is ``MRMConfig.cpu_math_attention_max_tokens`` (128; set per
+# model with ``MRM.set_cpu_math_attention``). Measured with `mrm-scale bench step` (README, Performance).
 
 
-def attention_kernels(x: torch.Tensor):
-    """SDPA kernel context for a transformer stack run on ``x`` (B, T, D) - see ``CPU_MATH_ATTENTION_MAX_TOKENS``."""
+def attention_kernels(x: torch.Tensor, max_tokens: int):
+    """SDPA kernel context for a transformer stack run on ``x`` (B, T, D): the math kernel for half precision on
+    CPU when T <= ``max_tokens``, else torch's choice."""
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[1] <= CPU_MATH_ATTENTION_MAX_TOKENS):
+            and x.shape[1] <= max_tokens):
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
 
-def _block_call(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with attention_kernels(x):  # inside the checkpointed call: a recompute picks the same kernel
+def _block_call(blk: nn.Module, x: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    with attention_kernels(x, max_tokens):  # inside the checkpointed call: a recompute picks the same kernel
         return blk(x)
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool, max_tokens: int) -> torch.Tensor:
     for blk in blocks:
         if use_checkpoint:
-            x = checkpoint(_block_call, blk, x, use_reentrant=False)
+            x = checkpoint(_block_call, blk, x, max_tokens, use_reentrant=False)
         else:
-            x = _block_call(blk, x)
+            x = _block_call(blk, x, max_tokens)
     return x
 
 
@@ -95,6 +96,7 @@ class ImageEncoder(nn.Module):
         self.blocks = _vit_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_path)
         self.norm = LayerNorm(cfg.embed_dim)
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.math_attention_max_tokens = cfg.cpu_math_attention_max_tokens
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (B, C, input, input) -> (B, 1 + K, D): class token, then the kept patches (all when
@@ -105,7 +107,8 @@ class ImageEncoder(nn.Module):
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = _run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled())
+        x = _run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled(),
+                        self.math_attention_max_tokens)
         return self.norm(x)
 
 
@@ -123,6 +126,7 @@ class PixelDecoder(nn.Module):
             cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.decoder_mlp_ratio, True, 0.0
         )
         self.norm = LayerNorm(cfg.decoder_embed_dim)
+        self.math_attention_max_tokens = cfg.cpu_math_attention_max_tokens
         self.pred = nn.Linear(cfg.decoder_embed_dim, cfg.pred_dim)
         self.grad_checkpointing = cfg.grad_checkpointing
 
@@ -135,7 +139,8 @@ class PixelDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], fill], dim=1)  # shuffled order: visible first
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # back to grid order
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
-        x = _run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled())
+        x = _run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled(),
+                        self.math_attention_max_tokens)
         x = self.norm(x)
         return self.pred(x[:, 1:])
 
@@ -173,6 +178,7 @@ class ReportHead(nn.Module):
         self.cfg = cfg
         self.image_proj = nn.Linear(cfg.embed_dim, cfg.text_width)
         self.mlm = BertForMaskedLM(_bert_config(cfg, vocab_size, pad_token_id))
+        self.math_attention_max_tokens = cfg.cpu_math_attention_max_tokens
         # tokens scored when counting FLOPs on the meta device, where the mask has no values (None = expected)
         self.meta_masked_tokens: int | None = None
 
@@ -233,7 +239,7 @@ class ReportHead(nn.Module):
         # transformers re-runs a checkpointed layer outside this context: the kernel rule only without checkpointing
         ckpt = getattr(self.mlm, "is_activation_checkpointing", None)
         ckpt = self.mlm.is_gradient_checkpointing if ckpt is None else ckpt  # transformers < 5
-        kernels = contextlib.nullcontext() if ckpt else attention_kernels(x)
+        kernels = contextlib.nullcontext() if ckpt else attention_kernels(x, self.math_attention_max_tokens)
         with kernels:
             mask = self._attention_mask(attention_mask, x.dtype)
             return self.mlm.bert.encoder(x, attention_mask=mask).last_hidden_state
@@ -341,6 +347,13 @@ class MRM(nn.Module):
         self.decoder.grad_checkpointing = enable
         if self.report is not None:
             self.report.set_grad_checkpointing(enable)
+
+    def set_cpu_math_attention(self, max_tokens: int) -> None:
+        """The CPU attention-kernel rule of all three stacks (:func:`attention_kernels`; 0 = torch's choice)."""
+        self.cfg = self.cfg.replace(cpu_math_attention_max_tokens=int(max_tokens))
+        for stack in (self.encoder, self.decoder, self.report):
+            if stack is not None:
+                stack.math_attention_max_tokens = int(max_tokens)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -60,6 +60,9 @@ class MRMConfig:
     # scale
     drop_path: float = 0.0
     grad_checkpointing: bool = False
+    # CPU attention kernel: stacks whose sequences are at most this long use SDPA's unfused "math" kernel for
+    # bf16/fp16 on CPU (see mrm_scale.model.mrm.attention_kernels); 0 = torch's choice everywhere
+    cpu_math_attention_max_tokens: int = 128
     timm_name: str | None = "vit_base_patch16_224"  # timm architecture the encoder exports to
 
     # ---- derived geometry -------------------------------------------------------------------------------------
@@ -127,6 +130,8 @@ class MRMConfig:
             raise bad("patch_size", f"must divide the encoder input size {self.input_size} (img_size // sr_scale)")
         if self.in_chans not in (1, 3):
             raise bad("in_chans", "must be 1 or 3")
+        if self.cpu_math_attention_max_tokens < 0:
+            raise bad("cpu_math_attention_max_tokens", "must be >= 0 (0: torch's kernel choice everywhere)")
         for dim, heads, field in (
             (self.embed_dim, self.num_heads, "embed_dim"),
             (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),

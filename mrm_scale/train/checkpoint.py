@@ -1,45 +1,24 @@
 """Checkpoints: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` plus what exact resume needs.
 
-Layout: ``<run>/checkpoints/step00000100/`` (one DeepSpeed tag per save). The ``client_state`` holds the
-global step, every rank's loader state and RNG states, and the resolved run config (DESIGN §3).
-
-A tag counts only once every rank has finished writing it and rank 0 has written ``COMPLETE.json`` into it;
-``--resume auto`` takes the newest complete tag, so a checkpoint interrupted while being written never
-replaces a good one. Older complete tags beyond ``keep_last`` (and incomplete leftovers) are removed.
+The layout (tags, the ``COMPLETE.json`` marker, the newest complete tag) is :mod:`mrm_scale.formats.checkpoints`.
+The ``client_state`` holds the global step, every rank's loader state and RNG states, and the run record
+(:class:`~mrm_scale.formats.run_record.RunRecord`). ``--resume auto`` takes the newest complete tag, so a
+checkpoint interrupted while being written never replaces a good one. Older complete tags beyond ``keep_last``
+(and incomplete leftovers) are removed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mrm_scale.data import shardformat as sf
-
-COMPLETE = "COMPLETE.json"
-TAG_RE = re.compile(r"^step(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def complete_tags(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, tag) of every complete checkpoint, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    out = []
-    for name in os.listdir(ckpt_dir):
-        m = TAG_RE.match(name)
-        if m and os.path.isfile(os.path.join(ckpt_dir, name, COMPLETE)):
-            out.append((int(m.group(1)), name))
-    return sorted(out)
+from mrm_scale.formats import checkpoints as layout
+from mrm_scale.formats.run_record import RunRecord
 
 
 def find_resume(ckpt_dir: str, resume: str) -> tuple[str, str] | None:
@@ -47,15 +26,16 @@ def find_resume(ckpt_dir: str, resume: str) -> tuple[str, str] | None:
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        tags = complete_tags(ckpt_dir)
-        return (ckpt_dir, tags[-1][1]) if tags else None
-    path = os.path.abspath(resume.rstrip("/"))
-    if os.path.isfile(os.path.join(path, COMPLETE)):
-        return os.path.dirname(path), os.path.basename(path)
-    tags = complete_tags(path)
-    if tags:
-        return path, tags[-1][1]
-    raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (a step######## folder with {COMPLETE})")
+        tag = layout.newest_complete(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    try:
+        ref = layout.locate(resume)
+    except layout.CheckpointLayoutError as e:
+        raise FileNotFoundError(f"--resume {resume}: {e}") from None
+    if not layout.is_complete(ref.path):
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (a step######## folder with "
+                                f"{layout.COMPLETE})")
+    return ref.root, ref.tag
 
 
 def _device_accelerator():
@@ -90,19 +70,19 @@ def gather(obj) -> list:
     return out
 
 
-def save(engine, ckpt_dir: str, step: int, loader_state: dict, run_config: dict, keep_last: int) -> str:
+def save(engine, ckpt_dir: str, step: int, loader_state: dict, record: RunRecord, keep_last: int) -> str:
     """Save on every rank (collective); returns the tag."""
-    tag = tag_for(step)
-    client_state = {"step": step, "loader": gather(loader_state), "rng": gather(rng_state()), "run_config": run_config}
+    tag = layout.tag_for(step)
+    client_state = {"step": step, "loader": gather(loader_state), "rng": gather(rng_state()),
+                    "run_config": record.to_dict()}
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=True)
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:
-        marker = os.path.join(ckpt_dir, tag, COMPLETE)
         # what a resume must agree with, readable without loading the checkpoint (setup._check_resumable)
-        sf.write_atomic(marker, json.dumps({
-            "step": step, "world_size": engine.world_size, "model": run_config.get("model"),
-            "tokenizer_sha256": run_config.get("tokenizer", {}).get("sha256")}).encode())
+        layout.CompleteRecord(step=step, world_size=engine.world_size, model=record.model,
+                              tokenizer_sha256=record.tokenizer.sha256,
+                              zero_stage=record.zero_stage).write(os.path.join(ckpt_dir, tag))
         _prune(ckpt_dir, keep_last)
     if dist.is_initialized():
         dist.barrier()
@@ -110,14 +90,14 @@ def save(engine, ckpt_dir: str, step: int, loader_state: dict, run_config: dict,
 
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
-    keep = {t for _, t in complete_tags(ckpt_dir)[-max(1, keep_last):]}
-    newest = max((s for s, _ in complete_tags(ckpt_dir)), default=-1)
-    for name in os.listdir(ckpt_dir):
-        m = TAG_RE.match(name)
-        if not m or name in keep:
+    complete = layout.complete_tags(ckpt_dir)
+    keep = {t for _, t in complete[-max(1, keep_last):]}
+    newest = max((s for s, _ in complete), default=-1)
+    for name in layout.tag_folders(ckpt_dir):
+        if name in keep:
             continue
         # Incomplete tags older than the newest complete one are dead leftovers of an interrupted save.
-        if os.path.isfile(os.path.join(ckpt_dir, name, COMPLETE)) or int(m.group(1)) < newest:
+        if layout.is_complete(os.path.join(ckpt_dir, name)) or layout.step_of(name) < newest:
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 

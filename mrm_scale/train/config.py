@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
 DEFAULT_SHARDS = os.path.join("shards", "demo")
 DEFAULT_BLR = 1.5e-4
@@ -78,9 +80,112 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite losses")
     g.add_argument("--trace", action="store_true",
                    help="write per-rank keys and losses of every step to <run>/trace/rank<R>.jsonl")
-    g.add_argument("--debug-nan-steps", default="", help=argparse.SUPPRESS)  # "3,3": force NaN losses (tests)
-    g.add_argument("--debug-crash-at", type=int, default=None, help=argparse.SUPPRESS)  # hard exit before step N
     return p
+
+
+# ------------------------------------------------------------------------------------------ typed flags
+# The launcher turns the flags into these three groups; nothing past it sees an argparse Namespace. Their field
+# names are the flags' destinations (``--micro-batch`` -> ``micro_batch``, ``--set`` -> ``overrides``).
+
+@dataclass(frozen=True)
+class DataArgs:
+    shards: str = DEFAULT_SHARDS
+    demo_num: int = 1000
+    backend: str = "dali"
+    workers: int = 1
+    tokenizer: str | None = None  # the tokenizers JSON the run expects
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    preset: str = "base"
+    image_size: int | None = None
+    mask_ratio: float | None = None
+    report_weight: float | None = None
+    grad_checkpointing: bool = False
+    overrides: tuple[str, ...] = ()  # --set FIELD=VALUE
+    compile: bool = False
+    init_encoder: str | None = None
+    init_report: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    deepspeed_config: str | None = None  # --deepspeed CONFIG.json (or DeepSpeed's --deepspeed_config)
+    name: str | None = None
+    out_root: str = "runs"
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    global_batch: int | None = None
+    blr: float | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    clip_grad: float | None = None
+    precision: str | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    warmup_steps: int | None = None
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"
+    log_every: int = 10
+    vis_every: int = 200
+    image_use_samples: int = 32
+    peak_tflops: float | None = None
+    max_bad_steps: int = 5
+    trace: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainArgs:
+    """The pretraining job's flags, typed and grouped: what the user asked for (None: not given)."""
+
+    data: DataArgs
+    model: ModelArgs
+    train: TrainArgs
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "PretrainArgs":
+        values = vars(ns)
+
+        def group(kind):
+            out = {}
+            for f in dataclasses.fields(kind):
+                if f.name == "deepspeed_config":
+                    out[f.name] = ds_config_path(ns)
+                elif f.name in values:
+                    v = values[f.name]
+                    out[f.name] = tuple(v) if f.name == "overrides" else v
+            return kind(**out)
+
+        return cls(data=group(DataArgs), model=group(ModelArgs), train=group(TrainArgs))
+
+    def flags(self) -> dict:
+        """Every flag as given, one flat JSON-able mapping (the run record's ``args``)."""
+        out = {}
+        for part in (self.data, self.model, self.train):
+            out.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(part).items()})
+        return out
+
+    @property
+    def run_name(self) -> str:
+        return self.train.name or f"mrm-{self.model.preset}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What :func:`resolve_ds_config` derived from the flags and the DeepSpeed JSON (the run record's ``derived``)."""
+
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    lr: float
+    max_steps: int
+    warmup_steps: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _get(cfg: dict, path: str, default=None):
@@ -92,8 +197,9 @@ def _get(cfg: dict, path: str, default=None):
     return node
 
 
-def ds_config_path(args: argparse.Namespace) -> str | None:
-    return args.deepspeed if isinstance(args.deepspeed, str) else getattr(args, "deepspeed_config", None)
+def ds_config_path(ns: argparse.Namespace) -> str | None:
+    deepspeed = getattr(ns, "deepspeed", None)
+    return deepspeed if isinstance(deepspeed, str) else getattr(ns, "deepspeed_config", None)
 
 
 def load_ds_json(path: str | None) -> dict:
@@ -108,9 +214,10 @@ def load_ds_json(path: str | None) -> dict:
         raise RunConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def resolve_ds_config(ds: dict, args: argparse.Namespace, world_size: int, steps_per_epoch: int | None,
-                      run_dir: str) -> dict:
-    """Fill the DeepSpeed JSON from the flags (see module doc). ``steps_per_epoch``: batches per rank."""
+def resolve_ds_config(ds: dict, args: TrainArgs, world_size: int, steps_per_epoch: int | None,
+                      run_dir: str) -> tuple[dict, Schedule]:
+    """Fill the DeepSpeed JSON from the flags (see module doc); returns it and the :class:`Schedule` derived.
+    ``steps_per_epoch``: batches per rank. Neither ``args`` nor ``ds`` is changed."""
     cfg = copy.deepcopy(ds)
     micro = args.micro_batch or _get(cfg, "train_micro_batch_size_per_gpu")
     if not micro:
@@ -153,18 +260,19 @@ def resolve_ds_config(ds: dict, args: argparse.Namespace, world_size: int, steps
         params["weight_decay"] = args.weight_decay
     params.setdefault("weight_decay", 0.05)
 
-    if args.max_steps is None:
+    max_steps = args.max_steps
+    if max_steps is None:
         if not steps_per_epoch:
             raise RunConfigError("cannot derive the number of steps: pass --max-steps")
-        args.max_steps = max(1, int(args.epochs * steps_per_epoch // accum))
-    warmup = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 20
-    if warmup > args.max_steps:
-        raise RunConfigError(f"--warmup-steps {warmup} exceeds --max-steps {args.max_steps}")
+        max_steps = max(1, int(args.epochs * steps_per_epoch // accum))
+    warmup = args.warmup_steps if args.warmup_steps is not None else max_steps // 20
+    if warmup > max_steps:
+        raise RunConfigError(f"--warmup-steps {warmup} exceeds --max-steps {max_steps}")
     warmup = max(2, warmup)  # DeepSpeed's WarmupCosineLR warms up for at least 2 steps: save what really runs
     sched = cfg.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     if sched.get("type") == "WarmupCosineLR":
         sp = sched.setdefault("params", {})
-        sp["total_num_steps"] = args.max_steps
+        sp["total_num_steps"] = max_steps
         sp["warmup_num_steps"] = warmup
         sp.setdefault("warmup_type", "linear")
         sp.setdefault("warmup_min_ratio", 0.0)
@@ -173,7 +281,8 @@ def resolve_ds_config(ds: dict, args: argparse.Namespace, world_size: int, steps
     if isinstance(tb, dict) and tb.get("enabled") and not tb.get("output_path"):
         tb["output_path"] = os.path.join(run_dir, "tb_deepspeed")  # DeepSpeed's own monitor, beside ours
     cfg.setdefault("steps_per_print", 10**9)
-    return cfg
+    return cfg, Schedule(micro_batch=int(micro), grad_accum=int(accum), global_batch=int(global_batch),
+                         lr=float(params["lr"]), max_steps=int(max_steps), warmup_steps=int(warmup))
 
 
 def bf16_enabled(ds_cfg: dict) -> bool:

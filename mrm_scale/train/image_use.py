@@ -17,12 +17,12 @@ import os
 
 import torch
 
-from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import LoaderConfig, build_loader
+from mrm_scale.formats import files
+from mrm_scale.formats.run_record import IMAGE_USE
 from mrm_scale.model.diagnostics import image_use
 
 SEED = 20230501  # the probe's mask seed: the same masks at every step, so the curve shows the model, not the draw
-RESULT_FILE = "image_use.json"
 
 
 class ImageUseProbe:
@@ -31,7 +31,7 @@ class ImageUseProbe:
         self.batch = None
         self.words = None
         self.split = None
-        n = int(getattr(run.args, "image_use_samples", 0) or 0)
+        n = int(run.args.train.image_use_samples or 0)
         if n <= 0 or not run.model_cfg.has_report_head:
             return
         splits = run.manifest.get("splits", {})
@@ -40,7 +40,7 @@ class ImageUseProbe:
         if n < 2:  # a shuffled image needs a second record
             self.split = None
             return
-        cfg = LoaderConfig(shards=run.args.shards, split=self.split, backend="wds", batch_size=n,
+        cfg = LoaderConfig(shards=run.shards, split=self.split, backend="wds", batch_size=n,
                            image_size=run.model_cfg.img_size, channels=run.model_cfg.in_chans,
                            max_tokens=run.model_cfg.max_tokens, workers=0, shuffle=False, augment=False)
         with torch.random.fork_rng(devices=[]):  # reading the batch must not move the training RNG (resume)
@@ -71,7 +71,7 @@ class ImageUseProbe:
     def save(self, step: int, res: dict | None) -> None:
         if res is None or not self.run.is_main:
             return
-        sf.write_atomic(os.path.join(self.run.run_dir, RESULT_FILE),
+        files.write_atomic(os.path.join(self.run.run_dir, IMAGE_USE),
                         json.dumps({"step": step, **res}, indent=2).encode())
 
 
@@ -83,8 +83,7 @@ def _finding_word_positions(run, batch) -> torch.Tensor | None:
 
     from mrm_scale.data.synthetic import finding_word_positions
 
-    return finding_word_positions(Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"])),
-                                  batch)
+    return finding_word_positions(Tokenizer.from_file(run.tokenizer.path(run.shards)), batch)
 
 
 def summary_line(res: dict | None) -> str | None:

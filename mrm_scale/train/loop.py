@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mrm_scale.formats.run_record import tb_dir, trace_path
 
 from . import checkpoint
 from .config import bf16_enabled
@@ -31,6 +32,18 @@ from .setup import Run, build_loader_for
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class LoopHooks:
+    """Points where a caller may look into or change the loop; the production job passes none. Tests subclass it
+    (a crash before a step, a NaN loss) instead of flags in the job."""
+
+    def before_step(self, step: int) -> None:
+        """Called before optimizer step ``step`` (1-based) is computed."""
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch loss of step ``step`` as the loop will use it (checked for NaN, backpropagated)."""
+        return loss
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -103,15 +116,14 @@ def param_digest(engine) -> str:
     return h.hexdigest()
 
 
-def train(run: Run, engine, model) -> dict:
-    args = run.args
-    accum = run.ds_config["gradient_accumulation_steps"]
-    global_batch = run.ds_config["train_batch_size"]
+def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
+    args = run.args.train
+    hooks = hooks or LoopHooks()
+    accum = run.schedule.grad_accum
+    global_batch = run.schedule.global_batch
     bf16 = bf16_enabled(run.ds_config)
     image_dtype = torch.bfloat16 if bf16 else torch.float32
-    max_steps = args.max_steps
-    # Tests: "2,2,3" makes the next two batches tried for step 2 and the next one for step 3 non-finite.
-    nan_steps = Counter(int(s) for s in args.debug_nan_steps.split(",") if s.strip())
+    max_steps = run.schedule.max_steps
 
     step, loader_state = 0, None
     if run.resume_from:
@@ -123,7 +135,7 @@ def train(run: Run, engine, model) -> dict:
 
     from mrm_scale.model.flops import formula_training_flops
 
-    flops = formula_training_flops(run.model_cfg, vocab_size=run.manifest["tokenizer"]["vocab_size"])["total"]
+    flops = formula_training_flops(run.model_cfg, vocab_size=run.tokenizer.vocab_size)["total"]
     peak, peak_src = device_peak_tflops(run.device, image_dtype, args.peak_tflops)
     metrics = Metrics(run.run_dir, run.rank, flops, peak, run.world_size)
     if run.is_main:
@@ -133,14 +145,15 @@ def train(run: Run, engine, model) -> dict:
               f"{max_steps} steps, peak {peak:.2f} TFLOP/s ({peak_src}), run folder {run.run_dir}", flush=True)
     trace = None
     if args.trace:
-        os.makedirs(os.path.join(run.run_dir, "trace"), exist_ok=True)
-        trace = open(os.path.join(run.run_dir, "trace", f"rank{run.rank}.jsonl"), "a")
+        path = trace_path(run.run_dir, run.rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        trace = open(path, "a")
 
     decode = None
     if run.is_main and run.model_cfg.has_report_head:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(os.path.join(run.args.shards, run.manifest["tokenizer"]["file"]))
+        tok = Tokenizer.from_file(run.tokenizer.path(run.shards))
         decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
 
     probe = ImageUseProbe(run, lambda b: _to_device(b, run.device, image_dtype))
@@ -151,8 +164,7 @@ def train(run: Run, engine, model) -> dict:
     engine.train()
     try:
         while step < max_steps:
-            if args.debug_crash_at is not None and step + 1 >= args.debug_crash_at:
-                os._exit(137)  # simulate a killed job (tests of --resume)
+            hooks.before_step(step + 1)
             t0 = time.perf_counter()
             stream.wait = 0.0
             sums = {"loss": 0.0, "image_loss": 0.0, "report_loss": 0.0}
@@ -161,10 +173,7 @@ def train(run: Run, engine, model) -> dict:
                 batch = _to_device(stream.next(), run.device, image_dtype)
                 out = engine(batch, seed=step_seed(args.seed, step, micro, run.rank))
                 micro += 1
-                loss = out.loss
-                if nan_steps[step + 1] > 0:
-                    nan_steps[step + 1] -= 1
-                    loss = loss * float("nan")
+                loss = hooks.loss(step + 1, out.loss)
                 if _any_rank(not bool(torch.isfinite(loss.detach()).item()), run.device):
                     bad_total += 1
                     bad_run += 1
@@ -175,7 +184,7 @@ def train(run: Run, engine, model) -> dict:
                         raise NonFiniteLossError(
                             f"the loss was NaN/inf for {bad_run} consecutive batches (step {step + 1}); try a lower "
                             "--blr or --lr, more --warmup-steps, --clip-grad 1.0, --precision fp32, and check the "
-                            f"data with `mrm-scale verify {args.shards}`")
+                            f"data with `mrm-scale verify {run.shards}`")
                     continue
                 bad_run = 0
                 engine.backward(loss)
@@ -208,7 +217,7 @@ def train(run: Run, engine, model) -> dict:
                 metrics.image_use(step, image_use)
                 probe.save(step, image_use)
             if step % args.save_every == 0 or step == max_steps:
-                tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.run_config, args.keep_last)
+                tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.record, args.keep_last)
                 if run.is_main:
                     print(f"checkpoint {os.path.join(run.ckpt_dir, tag)}", flush=True)
     finally:
@@ -222,5 +231,5 @@ def train(run: Run, engine, model) -> dict:
         print(summary_line(image_use), flush=True)
     if run.is_main:
         print(f"done: {step} steps. Checkpoints: {run.ckpt_dir}  TensorBoard: tensorboard --logdir "
-              f"{os.path.join(run.run_dir, 'tb')}", flush=True)
+              f"{tb_dir(run.run_dir)}", flush=True)
     return {"step": step, **last, "image_use": image_use}

@@ -7,35 +7,41 @@ unknown preset, resume under another world size) runs here, before any training 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import warnings
 import json
 import logging
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mrm_scale.data import shardformat as sf
 from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
+from mrm_scale.formats import files
+from mrm_scale.formats import shards as sf
+from mrm_scale.formats.checkpoints import CheckpointLayoutError, CompleteRecord
+from mrm_scale.formats.run_record import DS_CONFIG, RunRecord, checkpoints_dir
+from mrm_scale.formats.tokenizer import TokenizerIdentity
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
 from mrm_scale.model.presets import SHAPE_FIELDS, parse_overrides
 from mrm_scale.ports import free_port
 
 from . import checkpoint
-from .config import DEFAULT_SHARDS, RunConfigError, ds_config_path, load_ds_json, resolve_ds_config
+from .config import DEFAULT_SHARDS, PretrainArgs, RunConfigError, Schedule, load_ds_json, resolve_ds_config
 
 log = logging.getLogger("mrm_scale.train")
 
 
 @dataclass
 class Run:
-    args: argparse.Namespace
+    """Everything the loop needs, settled before the first step."""
+
+    args: PretrainArgs  # the flags as given
+    schedule: Schedule  # what was derived from them (steps, warmup, batch sizes, lr)
     rank: int
     world_size: int
     local_rank: int
@@ -43,15 +49,20 @@ class Run:
     run_dir: str
     ckpt_dir: str
     manifest: dict
+    tokenizer: TokenizerIdentity
     model_cfg: MRMConfig
     ds_config: dict
     loader_cfg: LoaderConfig
+    record: RunRecord
     resume_from: tuple[str, str] | None = None
-    run_config: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards(self) -> str:
+        return self.args.data.shards
 
 
 def _barrier() -> None:
@@ -123,9 +134,8 @@ def _release_shm_name(rank: int) -> None:
 
 def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
     """``shards/demo`` is prepared on first use (rank 0 prepares, the others wait); other paths must exist."""
-    manifest = os.path.join(shards, sf.MANIFEST)
     is_default = os.path.normpath(shards) == os.path.normpath(DEFAULT_SHARDS)
-    if os.path.isfile(manifest) and not is_default:
+    if sf.has_manifest(shards) and not is_default:
         return
     if not is_default:
         raise RunConfigError(
@@ -135,7 +145,7 @@ def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
     # Every rank waits for rank 0 whether or not the manifest exists yet: a rank that started late could otherwise
     # see rank 0's fresh manifest and go on while the others still wait.
     def prepare() -> None:
-        if os.path.isfile(manifest):
+        if sf.has_manifest(shards):
             return
         from mrm_scale.data.prep import PrepOptions, run_prep, summary
 
@@ -147,45 +157,54 @@ def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
     _from_rank0(prepare)
 
 
-def setup_run(args: argparse.Namespace) -> Run:
-    rank, world, local, device = start_distributed()
-    if rank != 0:
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    ds_json = load_ds_json(ds_config_path(args))
+def model_config(args: PretrainArgs) -> MRMConfig:
+    """The preset with the model flags and ``--set`` overrides applied, validated."""
+    m = args.model
     try:
-        model_cfg = get_preset(args.preset)
+        cfg = get_preset(m.preset)
     except ValueError as e:
         raise RunConfigError(f"--preset: {e}") from None
     overrides = {}
-    if args.image_size:
-        overrides["img_size"] = args.image_size
-    if args.mask_ratio is not None:
-        overrides["mask_ratio"] = args.mask_ratio
-    if args.report_weight is not None:
-        overrides["report_weight"] = args.report_weight
-    if args.grad_checkpointing:
+    if m.image_size:
+        overrides["img_size"] = m.image_size
+    if m.mask_ratio is not None:
+        overrides["mask_ratio"] = m.mask_ratio
+    if m.report_weight is not None:
+        overrides["report_weight"] = m.report_weight
+    if m.grad_checkpointing:
         overrides["grad_checkpointing"] = True
     try:
-        overrides.update(parse_overrides(getattr(args, "overrides", None) or []))
-        model_cfg = model_cfg.replace(**overrides).validate() if overrides else model_cfg.validate()
+        overrides.update(parse_overrides(list(m.overrides)))
+        return cfg.replace(**overrides).validate() if overrides else cfg.validate()
     except (ValueError, TypeError) as e:
         raise RunConfigError(str(e)) from None
 
-    name = args.name or f"mrm-{args.preset}"
-    run_dir = os.path.join(args.out_root, name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    prepare_demo_if_needed(args.shards, args.demo_num, args.seed)
-    with open(os.path.join(args.shards, sf.MANIFEST)) as f:
-        manifest = json.load(f)
+
+def setup_run(args: PretrainArgs) -> Run:
+    rank, world, local, device = start_distributed()
+    if rank != 0:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    data, train = args.data, args.train
+    ds_json = load_ds_json(train.deepspeed_config)
+    model_cfg = model_config(args)
+
+    run_dir = os.path.join(train.out_root, args.run_name)
+    ckpt_dir = checkpoints_dir(run_dir)
+    prepare_demo_if_needed(data.shards, data.demo_num, train.seed)
+    try:
+        manifest = sf.read_manifest(data.shards)
+        tokenizer = TokenizerIdentity.from_dict(manifest["tokenizer"], sf.manifest_path(data.shards))
+    except ValueError as e:
+        raise RunConfigError(f"--shards {data.shards}: {e}") from None
     if int(manifest["max_tokens"]) != model_cfg.max_tokens:
         model_cfg = model_cfg.replace(max_tokens=int(manifest["max_tokens"]))
 
-    expected_tok = sf.sha256_file(args.tokenizer) if args.tokenizer else None
-    micro = args.micro_batch or ds_json.get("train_micro_batch_size_per_gpu")
+    expected_tok = files.sha256_file(data.tokenizer) if data.tokenizer else None
+    micro = train.micro_batch or ds_json.get("train_micro_batch_size_per_gpu")
     loader_cfg = LoaderConfig(
-        shards=args.shards, split="train", backend=args.backend, batch_size=int(micro or 1),
+        shards=data.shards, split="train", backend=data.backend, batch_size=int(micro or 1),
         image_size=model_cfg.img_size, channels=model_cfg.in_chans, max_tokens=model_cfg.max_tokens,
-        workers=args.workers, seed=args.seed, tokenizer_sha256=expected_tok,
+        workers=data.workers, seed=train.seed, tokenizer_sha256=expected_tok,
         device=device if device.startswith("cuda") else "cpu")
     try:
         probe = build_loader(loader_cfg, rank, world)  # runs every data check; cheap (no pipeline started)
@@ -194,23 +213,22 @@ def setup_run(args: argparse.Namespace) -> Run:
     except LoaderError as e:
         raise RunConfigError(str(e)) from None
 
-    ds_config = resolve_ds_config(ds_json, args, world, steps_per_epoch, run_dir)
-    run = Run(args=args, rank=rank, world_size=world, local_rank=local, device=device, run_dir=run_dir,
-              ckpt_dir=ckpt_dir, manifest=manifest, model_cfg=model_cfg, ds_config=ds_config, loader_cfg=loader_cfg)
-    run.run_config = {
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and _jsonable(v)},
-        "model": model_cfg.to_dict(), "ds_config": ds_config, "world_size": world,
-        "loader": {k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)},
-        "tokenizer": manifest["tokenizer"], "shards": os.path.abspath(args.shards),
-    }
-    if args.resume:
+    ds_config, schedule = resolve_ds_config(ds_json, train, world, steps_per_epoch, run_dir)
+    record = RunRecord(
+        args=args.flags(), derived=schedule.to_dict(), model=model_cfg.to_dict(), ds_config=ds_config,
+        world_size=world, tokenizer=tokenizer, shards=os.path.abspath(data.shards),
+        loader={k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)})
+    run = Run(args=args, schedule=schedule, rank=rank, world_size=world, local_rank=local, device=device,
+              run_dir=run_dir, ckpt_dir=ckpt_dir, manifest=manifest, tokenizer=tokenizer, model_cfg=model_cfg,
+              ds_config=ds_config, loader_cfg=loader_cfg, record=record)
+    if train.resume:
         # Rank 0 decides which checkpoint every rank loads (nodes may see the folder at different moments) and
         # whether resuming from it would be silently wrong.
         run.resume_from = _from_rank0(lambda: _resume_point(run))
     if run.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        sf.write_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2).encode())
-        sf.write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(run.run_config, indent=2).encode())
+        files.write_json(os.path.join(run_dir, DS_CONFIG), ds_config)
+        record.write(run_dir)
         print("resolved DeepSpeed config:\n" + json.dumps(ds_config, indent=2), flush=True)
     _barrier()
     return run
@@ -226,7 +244,7 @@ def _jsonable(v) -> bool:
 
 def _resume_point(run: Run) -> tuple[str, str] | None:
     """The checkpoint to resume from (``--resume``), checked; None to start fresh."""
-    found = checkpoint.find_resume(run.ckpt_dir, run.args.resume)
+    found = checkpoint.find_resume(run.ckpt_dir, run.args.train.resume)
     if found:
         _check_resumable(run, os.path.join(*found))
     return found
@@ -234,14 +252,15 @@ def _resume_point(run: Run) -> tuple[str, str] | None:
 
 def _check_resumable(run: Run, ckpt: str) -> None:
     """Refuse, before compute, a resume from ``ckpt`` that would be silently wrong (reads its COMPLETE.json)."""
-    path = os.path.join(ckpt, checkpoint.COMPLETE)
-    with open(path) as f:
-        info = json.load(f)
-    if info.get("world_size") != run.world_size:
+    try:
+        info = CompleteRecord.read(ckpt)
+    except CheckpointLayoutError as e:
+        raise RunConfigError(str(e)) from None
+    if info.world_size != run.world_size:
         raise RunConfigError(
-            f"{ckpt} was written by {info.get('world_size')} ranks, this run has {run.world_size}: resume with "
-            f"{info.get('world_size')} ranks (each rank's data position is stored), or start a new --name")
-    old_model = info.get("model") or {}
+            f"{ckpt} was written by {info.world_size} ranks, this run has {run.world_size}: resume with "
+            f"{info.world_size} ranks (each rank's data position is stored), or start a new --name")
+    old_model = info.model
     new_model = run.model_cfg.to_dict()
     differ = [f"{k}={old_model[k]!r} (this run: {new_model.get(k)!r})" for k in SHAPE_FIELDS
               if k in old_model and old_model[k] != new_model.get(k)]
@@ -253,10 +272,10 @@ def _check_resumable(run: Run, ckpt: str) -> None:
             f"{ckpt} holds a {old_model.get('name', '?')} model that differs from this run's "
             f"{run.model_cfg.name}: {', '.join(differ)}; resume with the same --preset and size flags, "
             "or start a new --name")
-    old_tok, new_tok = info.get("tokenizer_sha256"), run.manifest["tokenizer"]["sha256"]
+    old_tok, new_tok = info.tokenizer_sha256, run.tokenizer.sha256
     if old_tok and old_tok != new_tok:
         raise RunConfigError(
-            f"{ckpt} was trained on shards with tokenizer sha256 {old_tok}, but {run.args.shards} uses {new_tok}: "
+            f"{ckpt} was trained on shards with tokenizer sha256 {old_tok}, but {run.shards} uses {new_tok}: "
             "the vocabulary would not match; resume on the same shards or start a new --name")
 
 
@@ -268,21 +287,21 @@ def build_engine(run: Run):
     """The MRM model wrapped in a DeepSpeed engine (optimizer and scheduler from the resolved config)."""
     import deepspeed
 
-    tok = run.manifest["tokenizer"]
+    m = run.args.model
     # Same seed, same initial weights: runs are comparable (and DeepSpeed broadcasts rank 0's weights anyway).
-    random.seed(run.args.seed)
-    np.random.seed(run.args.seed)
-    torch.manual_seed(run.args.seed)
-    model = build_model(run.model_cfg, vocab_size=tok["vocab_size"], pad_token_id=tok["pad_id"],
-                        cls_token_id=tok["cls_id"], sep_token_id=tok["sep_id"], mask_token_id=tok["mask_id"])
-    if run.args.init_encoder or run.args.init_report:
+    seed = run.args.train.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = build_model(run.model_cfg, **run.tokenizer.model_ids())
+    if m.init_encoder or m.init_report:
         from mrm_scale.model import weights
 
-        if run.args.init_encoder:
-            weights.load_image_encoder(model, run.args.init_encoder)
-        if run.args.init_report:
-            weights.load_report_head(model, run.args.init_report)
-    if run.args.compile:
+        if m.init_encoder:
+            weights.load_image_encoder(model, m.init_encoder)
+        if m.init_report:
+            weights.load_report_head(model, m.init_report)
+    if m.compile:
         from mrm_scale.model import compile_blocks
 
         compile_blocks(model)

@@ -1,4 +1,4 @@
-"""The shard sample contract (DESIGN §3), in one place.
+"""The shard folder contract: sample members, tars, DALI indexes and ``manifest.json`` — one reader, one writer.
 
 One WebDataset sample per radiograph; the key has no dots. Members, in this order inside the tar:
 
@@ -12,17 +12,24 @@ One WebDataset sample per radiograph; the key has no dots. Members, in this orde
 
 Fixed-width token arrays let DALI read them as raw bytes and reinterpret them with no Python per sample.
 Every shard ``NAME.tar`` has a DALI index ``NAME.idx`` in the format DALI's ``wds2idx`` writes.
+
+A shard folder holds ``manifest.json`` (:func:`write_manifest` / :func:`read_manifest`): ``format``,
+``max_tokens``, ``tokenizer`` (a :class:`~mrm_scale.formats.tokenizer.TokenizerIdentity` entry), ``splits``
+(``{split: {"samples": N, "shards": [{"tar", "idx", "samples", "sha256", ...}]}}``), ``rejected``, ``stats``,
+``source`` and ``options``; beside it the tokenizer file and the tars.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
+import json
 import os
 import tarfile
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from .files import json_bytes, write_atomic
 
 FORMAT_VERSION = "mrm-scale-shards/1"
 MEMBERS = ("jpg", "txt", "ids", "flags", "json")
@@ -31,12 +38,7 @@ FLAGS_DTYPE = np.dtype("u1")
 FLAG_ATTENTION = 1
 FLAG_WORD_START = 2
 
-# Image normalisation of the method (DESIGN §1).
-IMAGE_MEAN = 0.4978
-IMAGE_STD = 0.2449
-
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
 INDEX_VERSION = "v1.2"
 
@@ -69,14 +71,6 @@ def decode_tokens(ids_bytes: bytes, flags_bytes: bytes) -> tuple[np.ndarray, np.
         raise ValueError(f"ids has {ids.size} entries but flags has {flags.size}")
     return ids, (flags & FLAG_ATTENTION).astype(np.int64), (flags & FLAG_WORD_START) != 0
 
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file (shards, index files and tokenizers are identified by it in the manifest)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -127,13 +121,6 @@ def index_lines(tar_path: str) -> list[str]:
     return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write whole or not at all: a reader (another rank, a re-run after a kill) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
 
 def write_index(tar_path: str, idx_path: str) -> None:
     with open(idx_path, "w") as f:
@@ -170,3 +157,69 @@ def iter_tar_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             parts[ext] = f.read() if f is not None else b""
     if key is not None:
         yield key, parts
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+class ManifestError(ValueError):
+    """A shard folder's manifest is missing or unusable; the message names the file and what to do."""
+
+
+def manifest_path(path: str) -> str:
+    """``path/manifest.json`` when ``path`` is a folder, else ``path`` (the manifest file itself)."""
+    return os.path.join(path, MANIFEST) if os.path.isdir(path) else path
+
+
+def has_manifest(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+def write_manifest(folder: str, manifest: dict) -> str:
+    """Write ``folder/manifest.json`` atomically in the stable form prep's re-runs compare byte for byte."""
+    path = os.path.join(folder, MANIFEST)
+    write_atomic(path, json_bytes(manifest))
+    return path
+
+
+def read_manifest(path: str, *, check: bool = True) -> dict:
+    """Read and sanity-check ``manifest.json`` (``path`` may be the file or its folder). ``check=False`` only
+    parses it (``mrm-scale verify`` lists every problem of a damaged folder instead of stopping at the first)."""
+    path = manifest_path(path)
+    if not os.path.isfile(path):
+        raise ManifestError(
+            f"{path}: no shard manifest here; prepare the corpus first, e.g. "
+            f"`mrm-scale prep --source synthetic --num 1000 --out {os.path.dirname(path) or '.'}`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e}); re-run `mrm-scale prep` for this folder") from None
+    if not check:
+        return manifest
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{path}: format {got!r}, expected {FORMAT_VERSION!r}; re-run `mrm-scale prep`")
+    for name in ("max_tokens", "tokenizer", "splits"):
+        if name not in manifest:
+            raise ManifestError(f"{path}: manifest lacks {name!r}; re-run `mrm-scale prep`")
+    return manifest
+
+
+def split_samples(manifest: dict, split: str) -> int:
+    """Samples of ``split`` (0 when the manifest has no such split)."""
+    return int((manifest.get("splits", {}).get(split) or {}).get("samples") or 0)
+
+
+def summary(folder: str) -> dict | None:
+    """What a model card or report says about a shard folder (None when it has no manifest)."""
+    if not folder or not has_manifest(folder):
+        return None
+    m = read_manifest(folder)
+    stats = m.get("stats", {})
+    return {"path": folder, "source": m.get("source", {}).get("kind") or m.get("options", {}).get("source"),
+            "input": m.get("source", {}).get("input"),
+            "samples": {k: v.get("samples") for k, v in m.get("splits", {}).items()},
+            "shards": {k: len(v.get("shards", [])) for k, v in m.get("splits", {}).items()},
+            "rejected": stats.get("rejected", len(m.get("rejected", []))),
+            "label_positives": stats.get("label_positives"),
+            "tokenizer": {k: m["tokenizer"].get(k) for k in ("sha256", "vocab_size")}}

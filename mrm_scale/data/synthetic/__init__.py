@@ -1,0 +1,39 @@
+"""The built-in synthetic chest-radiograph corpus: the demo corpus ``mrm-scale prep --source synthetic`` prepares
+(where it sits in the system: the README's "Architecture" section).
+
+Every record -- a frontal chest-radiograph-like grayscale image, a free-text radiology report and labels -- is
+generated from one hidden *case*, so the report describes the image; mild findings are drawn at low contrast, so
+the report carries information the image shows only faintly (the label-efficiency experiment relies on that:
+image+report pretraining should beat image-only).
+
+- :mod:`.cases` owns the case: the finding vocabulary and label order (``FINDINGS``, ``LABELS``, ``SIDES``,
+  ``ZONES``, ``SEVERITIES``), the case and record dataclasses, ``record_key`` and the case sampler;
+- :mod:`.reports` owns the report text of a case (``make_report``), ``FINDING_WORDS`` and
+  ``finding_word_positions``;
+- :mod:`.images` owns the image renderer (anatomy, findings, devices, exposure and noise).
+
+``make_record(index, seed=0, size=512) -> SyntheticRecord`` (key, image, report, labels, meta) joins the three.
+Determinism: a record depends only on ``(seed, index)``; each part draws from its own streams
+``numpy.random.default_rng([seed, index, k])`` (case k=0, report k=1, image k=2, 3 and 10+), so records can be
+generated in any order by any number of workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cases import FINDINGS, LABELS, SEVERITIES, SIDES, ZONES, SyntheticRecord, _Finding, _sample_case, record_key  # noqa: F401
+from .images import _render
+from .reports import FINDING_WORDS, _write_report, finding_word_positions, make_report
+
+__all__ = ["FINDINGS", "FINDING_WORDS", "LABELS", "SEVERITIES", "SIDES", "ZONES", "SyntheticRecord",
+           "finding_word_positions", "make_record", "make_report", "record_key"]
+# ``_Finding``, ``_sample_case`` and ``_render`` stay importable from here: the tests toggle findings on a case.
+
+
+def make_record(index: int, seed: int = 0, size: int = 512) -> SyntheticRecord:
+    """Record ``index`` of the corpus ``seed``: image (uint8, size x size), report, labels and metadata."""
+    case = _sample_case(np.random.default_rng([seed, index, 0]))
+    report = _write_report(case, np.random.default_rng([seed, index, 1]))
+    image = _render(case, seed, index, size)
+    return SyntheticRecord(record_key(index), image, report, case.labels(), case.meta(seed, index))

@@ -1,0 +1,37 @@
+"""Files written whole or not at all, and the sha256 that identifies shards, indexes and tokenizers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write whole or not at all: a reader (another rank, a re-run after a kill) never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def json_bytes(obj) -> bytes:
+    """Stable JSON (sorted keys, one space indent, UTF-8, final newline): the same object, the same bytes."""
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def write_json(path: str, obj, *, indent: int = 2) -> None:
+    write_atomic(path, json.dumps(obj, indent=indent).encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file (shards, index files and tokenizers are identified by it in the manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
