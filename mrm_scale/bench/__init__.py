@@ -1,7 +1,7 @@
 """``mrm-scale bench``: benchmarks, one module each (``add_arguments(parser)`` + ``run(args) -> int``).
 
 Every benchmark prints one JSON line last (medians of several runs, compared against a baseline measured in
-the same run; DESIGN §8). Add a benchmark by adding its module to ``BENCHES``.
+the same run). Add a benchmark by adding its module to ``BENCHES``.
 """
 
 from __future__ import annotations

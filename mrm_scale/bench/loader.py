@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from mrm_scale.formats.tokenizer import CLS, MASK, PAD, SEP, SPECIAL_TOKENS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, help="shard folder written by `mrm-scale prep`")
@@ -80,7 +82,7 @@ class PaperDataset:
             self.rows = [(os.path.join(root, r["image_path"]), r["report_content"]) for r in csv.DictReader(f)]
         self.tokenizer = Tokenizer.from_file(tokenizer_json)
         self.max_tokens = max_tokens
-        self.ids = {t: self.tokenizer.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")}
+        self.ids = {t: self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         self.transform = T.Compose([
             T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
@@ -102,7 +104,7 @@ class PaperDataset:
         image = self.transform(self._open(path).convert("RGB"))
         enc = self.tokenizer.encode(report, add_special_tokens=False)
         tokens = enc.tokens[: self.max_tokens - 2]
-        ids = [self.ids["[CLS]"], *enc.ids[: self.max_tokens - 2], self.ids["[SEP]"]]
+        ids = [self.ids[CLS], *enc.ids[: self.max_tokens - 2], self.ids[SEP]]
         masked, targets = list(ids), [-100] * len(ids)
         mask_word = False
         for j, tok in enumerate(tokens, start=1):  # whole-word masking, one token at a time
@@ -110,12 +112,12 @@ class PaperDataset:
                 mask_word = random.random() < 0.5
             if mask_word:
                 targets[j] = ids[j]
-                masked[j] = self.ids["[MASK]"]
+                masked[j] = self.ids[MASK]
         pad = self.max_tokens - len(ids)
         attention = [1] * len(ids) + [0] * pad
-        masked += [self.ids["[PAD]"]] * pad
+        masked += [self.ids[PAD]] * pad
         targets += [-100] * pad
-        ids += [self.ids["[PAD]"]] * pad
+        ids += [self.ids[PAD]] * pad
         return {"image": image, "input_ids": torch.tensor(ids), "masked_ids": torch.tensor(masked),
                 "labels": torch.tensor(targets), "attention_mask": torch.tensor(attention)}
 

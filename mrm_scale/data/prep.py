@@ -1,4 +1,4 @@
-"""Prep: an image–report corpus → validated WebDataset shards (DESIGN §3).
+"""Prep: an image–report corpus → validated WebDataset shards.
 
 Pipeline: list candidates from the source → assign splits → train or load the tokenizer → tokenise every
 report → for each shard, read/shrink/encode its images in parallel and write the tar and its DALI index →

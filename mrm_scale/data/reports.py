@@ -1,4 +1,4 @@
-"""Report cleaning (DESIGN §4): keep FINDINGS + IMPRESSION, drop headers, collapse white space, keep
+"""Report cleaning: keep FINDINGS + IMPRESSION, drop headers, collapse white space, keep
 de-identification placeholders (``___``, ``XXXX``) as one token each.
 
 Works on MIMIC-CXR free text (sections introduced by ``NAME:`` at a line start) and on Open-i XML

@@ -1,4 +1,4 @@
-"""Corpus sources (DESIGN §4): each lists :class:`Candidate` records — an image reference, the cleaned
+"""Corpus sources: each lists :class:`Candidate` records — an image reference, the cleaned
 report and metadata — in a stable order. Images are read later, in parallel, by :mod:`mrm_scale.data.prep`.
 
 A candidate whose report is unusable carries ``reject=(reason, detail)`` and is listed in the manifest's

@@ -15,7 +15,9 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from mrm_scale.formats.files import sha256_bytes
-from mrm_scale.formats.tokenizer import HF_SPECIAL_TOKENS, SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerIdentity, id_field
+from mrm_scale.formats.tokenizer import (
+    CLS, HF_SPECIAL_TOKENS, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, UNK, TokenizerIdentity, id_field,
+)
 
 PLACEHOLDERS = ("___", "xxxx")  # de-identification placeholders, one token each (after lower-casing)
 
@@ -26,7 +28,7 @@ class TokenizerError(ValueError):
 
 def train_wordpiece(reports: list[str], vocab_size: int) -> Tokenizer:
     """Train a lower-casing WordPiece vocabulary on ``reports`` (deterministic for the same input)."""
-    tok = Tokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(WordPiece(unk_token=UNK, max_input_chars_per_word=100))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
     trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
@@ -149,7 +151,7 @@ def hf_tokenizer(tokenizer_json: str, max_tokens: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_file(tokenizer_json)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
     tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+                                            special_tokens=[(CLS, cls), (SEP, sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_tokens, **HF_SPECIAL_TOKENS)

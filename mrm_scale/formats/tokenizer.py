@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 TOKENIZER_FILE = "tokenizer.json"
 # The special tokens MRM needs, in the order a trained vocabulary numbers them (ids 0..4).
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # transformers' names for them (``PreTrainedTokenizerFast(**HF_SPECIAL_TOKENS)``)
-HF_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                     "mask_token": "[MASK]"}
+HF_SPECIAL_TOKENS = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS, "sep_token": SEP, "mask_token": MASK}
 
 
 def id_field(token: str) -> str:
