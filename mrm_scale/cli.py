@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("mrm_scale.model.info", "parameters per part and training GFLOPs per sample of a preset"),
     "bench": ("mrm_scale.bench", "benchmarks: loader, step, scaling"),
     "export": ("mrm_scale.eval.export", "export a checkpoint: timm image encoder, transformers report model, model card"),
-    "experiment": ("mrm_scale.eval.experiment", "experiments: label-efficiency (MRM vs image-only MAE vs random init)"),
+    "experiment": ("mrm_scale.experiments.label_efficiency",
+                   "experiments: label-efficiency (MRM vs image-only MAE vs random init)"),
 }
 
 

@@ -58,7 +58,7 @@ def test_export_writes_every_file_and_a_model_card(pretrained):
 def test_consolidated_weights_are_the_trained_ones(pretrained):
     """The trainer's trace holds a digest of the final (bf16) parameters gathered from the ZeRO-3 shards; the
     exported fp32 master weights rounded to bf16 must give the same digest."""
-    from mrm_scale.eval.export import load_full_model
+    from mrm_scale.eval.loading import load_full_model
 
     final = [json.loads(line) for line in open(pretrained["run_dir"] / "trace" / "rank0.jsonl")][-1]
     model = load_full_model(str(pretrained["export"]))
@@ -73,7 +73,7 @@ def test_timm_and_transformers_one_call_loads_reproduce_the_model(pretrained):
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mrm_scale.data import shardformat as sf
+    from mrm_scale.formats import shards as sf
     from mrm_scale.model import build_model
 
     out = pretrained["export"]
@@ -141,7 +141,8 @@ def test_timm_and_transformers_one_call_loads_reproduce_the_model(pretrained):
 def test_checkpoint_folder_and_run_folder_give_the_same_export(pretrained, tmp_path):
     from safetensors.torch import load_file
 
-    from mrm_scale.eval.export import export, load_encoder_weights
+    from mrm_scale.eval.export import export
+    from mrm_scale.eval.loading import load_encoder_weights
 
     meta = export(str(pretrained["ckpt"]), str(tmp_path / "from_ckpt"))
     assert meta["source"]["checkpoint"] == str(pretrained["ckpt"])
@@ -180,7 +181,7 @@ def test_export_refuses_incomplete_checkpoints_naming_the_missing_files(pretrain
 
 def test_timm_spec_for_every_preset():
     """Presets with a timm name load into exactly that architecture, without kwargs (input 224, patch 16/14)."""
-    from mrm_scale.eval.export import timm_call, timm_spec
+    from mrm_scale.eval.timm_interop import timm_call, timm_spec
     from mrm_scale.model import get_preset
 
     assert timm_spec(get_preset("base")) == ("vit_base_patch16_224", {})

@@ -1,5 +1,7 @@
 """The main job: `deepspeed launch/pretrain.py --deepspeed ds_configs/zeroN.json` with real multi-rank DeepSpeed
-engines on CPU, real shards, real TensorBoard event files and checkpoints."""
+engines on CPU, real shards, real TensorBoard event files and checkpoints. The jobs are started the way every
+caller starts them, through `mrm_scale.train.launcher` (`deepspeed --module mrm_scale.train.main`); the launch
+scripts themselves (torchrun + `launch/pretrain.py`, `launch/slurm.sbatch`) keep a test each."""
 
 import glob
 import json
@@ -13,10 +15,14 @@ import pytest
 
 from mrm_scale.data.prep import PrepOptions, run_prep
 from mrm_scale.ports import free_port
+from mrm_scale.train.launcher import ENTRY, pretrain_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")  # the launch script (torchrun and SLURM tests)
+# the tests' folder on the children's path: an `entry=` module of the tests (fault injection) is importable there
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+           PYTHONPATH=os.pathsep.join([TESTS, *filter(None, [os.environ.get("PYTHONPATH")])]))
 COMMON = ["--preset", "tiny", "--micro-batch", "4", "--log-every", "1", "--workers", "1"]
 
 pytestmark = pytest.mark.slow
@@ -30,13 +36,15 @@ def shards(tmp_path_factory):
     return str(out)
 
 
-def launcher(nproc: int = 2) -> list[str]:
-    """The deepspeed launcher on a free rendezvous port (tests may run beside other jobs)."""
-    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port())]
+def launcher(nproc: int = 2, *, entry: str = ENTRY) -> list[str]:
+    """The trainer's command without its flags (append them): the deepspeed launcher on a free rendezvous port
+    (tests may run beside other jobs) running ``entry``; a plain ``python -m entry`` for one rank."""
+    return pretrain_command([], nproc, entry=entry)
 
 
-def deepspeed_cmd(config: str, *args, nproc: int = 2) -> list[str]:
-    return [*launcher(nproc), PRETRAIN, "--deepspeed", os.path.join(REPO, "ds_configs", config), *COMMON, *args]
+def deepspeed_cmd(config: str, *args, nproc: int = 2, entry: str = ENTRY) -> list[str]:
+    return pretrain_command(["--deepspeed", os.path.join(REPO, "ds_configs", config), *COMMON, *args], nproc,
+                            entry=entry)
 
 
 def run(cmd, cwd=REPO, timeout=600, check=True, env=ENV):
@@ -117,7 +125,7 @@ def test_other_zero_stages_train_and_checkpoint(shards, tmp_path, config):
         cfg["tensorboard"]["enabled"] = True
         path = str(tmp_path / "zero1_tb.json")
         json.dump(cfg, open(path, "w"))
-    run([*launcher(2), PRETRAIN, "--deepspeed", path, *COMMON, "--shards", shards, "--out-root", str(tmp_path),
+    run([*launcher(2), "--deepspeed", path, *COMMON, "--shards", shards, "--out-root", str(tmp_path),
          "--name", "r", "--max-steps", "3", "--vis-every", "3", "--backend", "dali"])
     acc = tb_tags(str(tmp_path / "r"))
     tags = acc.Tags()
@@ -135,7 +143,8 @@ def test_killed_run_resumes_with_same_keys_and_losses(shards, tmp_path, backend)
     args = ["--shards", shards, "--out-root", str(tmp_path), "--max-steps", "8", "--save-every", "4", "--trace",
             "--backend", backend, "--vis-every", "0"]
     run(deepspeed_cmd("zero2.json", *args, "--name", "full"))
-    code, _ = run(deepspeed_cmd("zero2.json", *args, "--name", "crash", "--debug-crash-at", "5"), check=False)
+    code, _ = run(deepspeed_cmd("zero2.json", *args, "--name", "crash", "--crash-at", "5", entry="faulty_pretrain"),
+                  check=False)
     assert code != 0
     assert [d for d in os.listdir(tmp_path / "crash" / "checkpoints") if d.startswith("step")] == ["step00000004"]
     interrupted = tmp_path / "crash" / "checkpoints" / "step00000006"  # a newer save that never finished
@@ -203,22 +212,22 @@ def test_slurm_script_runs_torchrun_rendezvous(shards, tmp_path):
 
 def test_nan_loss_is_skipped_then_repeated_nans_stop_the_run(shards, tmp_path):
     args = ["--shards", shards, "--out-root", str(tmp_path), "--vis-every", "0", "--backend", "wds"]
-    _, out = run(deepspeed_cmd("zero2.json", *args, "--name", "once", "--max-steps", "4", "--debug-nan-steps", "2",
-                               "--trace"))
+    _, out = run(deepspeed_cmd("zero2.json", *args, "--name", "once", "--max-steps", "4", "--nan-steps", "2",
+                               "--trace", entry="faulty_pretrain"))
     assert "non-finite loss" in out
     acc = tb_tags(str(tmp_path / "once"))
     assert [e.value for e in acc.Scalars("train/bad_steps")] == [0, 1, 1, 1]
     steps, _ = read_trace(str(tmp_path / "once"))
     assert sorted(steps[0]) == [1, 2, 3, 4]  # the step still completed, with the next batch
     code, out = run(deepspeed_cmd("zero2.json", *args, "--name", "many", "--max-steps", "6",
-                                  "--debug-nan-steps", "2,2,2", "--max-bad-steps", "3"), check=False)
+                                  "--nan-steps", "2,2,2", "--max-bad-steps", "3", entry="faulty_pretrain"), check=False)
     assert code != 0
     assert "NaN/inf for 3 consecutive batches" in out and "--blr" in out, out[-3000:]
 
 
 def test_default_shards_demo_is_prepared_on_first_use(tmp_path):
     """Only --deepspeed given (plus a tiny preset to keep CI short): shards/demo is prepared by rank 0."""
-    cmd = [*launcher(2), PRETRAIN, "--deepspeed",
+    cmd = [*launcher(2), "--deepspeed",
            os.path.join(REPO, "ds_configs", "zero2.json"), "--preset", "tiny", "--max-steps", "2", "--demo-num", "96",
            "--micro-batch", "2", "--vis-every", "0"]
     _, out = run(cmd, cwd=str(tmp_path))
@@ -228,7 +237,7 @@ def test_default_shards_demo_is_prepared_on_first_use(tmp_path):
 
 
 def _single(args, cwd=REPO):
-    return run([sys.executable, PRETRAIN, *args], cwd=cwd, check=False)
+    return run(pretrain_command(args, 1), cwd=cwd, check=False)
 
 
 def test_checks_before_compute(shards, tmp_path):

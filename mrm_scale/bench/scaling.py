@@ -1,7 +1,8 @@
 """``mrm-scale bench scaling``: the training step under the DeepSpeed engine (ZeRO-2) on 1 and 2 ranks.
 
-The real job does the work: ``deepspeed --num_gpus N launch/pretrain.py --deepspeed ds_configs/zero2.json`` is
-started as a subprocess for N = 1 and N = 2 (CPU ranks with gloo when there is no GPU), with the real loader
+The real job does the work: the trainer (``mrm_scale.train.main``) with the package's ``ds_configs/zero2.json``
+is started as a subprocess by :mod:`mrm_scale.train.launcher` for N = 1 and N = 2 ranks (DeepSpeed's launcher
+for N > 1, the one rank as a plain ``python -m``; CPU ranks with gloo when there is no GPU), with the real loader
 on synthetic shards prepared into a temporary folder (``run_prep(PrepOptions(source="synthetic", ...))``).
 Throughput and the data-wait fraction are read back from the run's TensorBoard scalars
 (``throughput/samples_per_s`` is global samples/s, ``time/data_wait_fraction``), medians over the steps after
@@ -29,8 +30,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PRETRAIN = os.path.join(REPO, "launch", "pretrain.py")
+from mrm_scale.train.launcher import packaged_ds_config, run_pretraining
+
+DEFAULT_CONFIG = "zero2.json"  # shipped in the package (mrm_scale/ds_configs/)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
     p.add_argument("--ranks", default="1,2", help="comma-separated world sizes; the first is the baseline")
-    p.add_argument("--config", default=os.path.join(REPO, "ds_configs", "zero2.json"), help="DeepSpeed JSON")
+    p.add_argument("--config", default=None,
+                   help=f"DeepSpeed JSON (default: the package's {DEFAULT_CONFIG}; a shipped name such as zero3.json "
+                   "or a path)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--backend", choices=("dali", "wds"), default="wds", help="input pipeline of the trainer")
     p.add_argument("--workers", type=int, default=1, help="loader workers per rank")
@@ -83,23 +87,19 @@ def _prep(folder: str, num: int, shard_size: int, side: int) -> str:
 
 def run_one(args, world: int, threads: int, shards: str, out_root: str) -> dict:
     name = f"ranks{world}"
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), PRETRAIN,
-           "--deepspeed", args.config, "--preset", args.preset, "--shards", shards, "--out-root", out_root,
-           "--name", name, "--micro-batch", str(args.micro_batch), "--grad-accum", "1",
-           "--max-steps", str(args.steps), "--warmup-steps", "1", "--log-every", "1", "--vis-every", "0",
-           "--save-every", str(10**9), "--resume", "none", "--backend", args.backend,
-           "--workers", str(args.workers), "--precision", args.precision, "--trace"]
+    flags = ["--deepspeed", args.config, "--preset", args.preset, "--shards", shards, "--out-root", out_root,
+             "--name", name, "--micro-batch", str(args.micro_batch), "--grad-accum", "1",
+             "--max-steps", str(args.steps), "--warmup-steps", "1", "--log-every", "1", "--vis-every", "0",
+             "--save-every", str(10**9), "--resume", "none", "--backend", args.backend,
+             "--workers", str(args.workers), "--precision", args.precision, "--trace"]
     if args.image_size:
-        cmd += ["--image-size", str(args.image_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if not _has_gpu():
-        env["DS_ACCELERATOR"] = "cpu"
+        flags += ["--image-size", str(args.image_size)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
+    p = run_pretraining(flags, world, timeout=args.timeout, env={"OMP_NUM_THREADS": str(threads)}, check=False)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         tail = (p.stdout + p.stderr)[-4000:]
-        raise RuntimeError(f"{world}-rank run failed (exit {p.returncode}): {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"{world}-rank run failed (exit {p.returncode}): {' '.join(p.args)}\n{tail}")
     run_dir = os.path.join(out_root, name)
     sc = _scalars(run_dir)
     if "throughput/samples_per_s" not in sc:
@@ -139,9 +139,16 @@ def run(args: argparse.Namespace) -> int:
     if not worlds or min(worlds) < 1 or args.steps <= args.warmup:
         print("mrm-scale bench scaling: need --ranks >= 1 and --steps > --warmup", file=sys.stderr)
         return 2
+    try:
+        if args.config is None or (not os.path.isfile(args.config) and os.sep not in args.config):
+            args.config = packaged_ds_config(args.config or DEFAULT_CONFIG)  # a name the package ships
+    except FileNotFoundError as e:
+        print(f"mrm-scale bench scaling: --config: {e}", file=sys.stderr)
+        return 2
     if not os.path.isfile(args.config):
         print(f"mrm-scale bench scaling: --config {args.config}: file not found", file=sys.stderr)
         return 2
+    args.config = os.path.abspath(args.config)
     cores = os.cpu_count() or 1
     threads = args.threads_per_rank or max(1, cores // max(worlds))
     folder = args.keep or tempfile.mkdtemp(prefix="mrm-bench-scaling-")

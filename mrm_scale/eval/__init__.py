@@ -8,7 +8,7 @@
 - :mod:`.probe`       the downstream model (encoder + head, mean-pooled patch tokens), layer-wise lr decay,
                       the standardised linear probe, per-class ROC AUC.
 - :mod:`.finetune`    the ``launch/finetune.py`` job (linear probe or fine-tune, results.json, TensorBoard).
-- :mod:`.experiment`  ``mrm-scale experiment label-efficiency``: MRM vs image-only MAE vs random init.
 
-Room rule: imports ``mrm_scale.model`` and ``mrm_scale.data``, nothing from ``mrm_scale.train``.
+Room rule: imports ``mrm_scale.model`` and ``mrm_scale.data``, nothing from ``mrm_scale.train``. The
+label-efficiency experiment, which uses all of them, is a job: :mod:`mrm_scale.experiments.label_efficiency`.
 """

@@ -1,6 +1,10 @@
-"""Train room: DeepSpeed engine set-up, the loop, checkpoint state, metrics/TensorBoard, schedules, and the
-image-use probe of every run (``image_use``: does the report branch gain from the image?).
+"""Train room: the pretraining job under DeepSpeed.
 
-``launch/pretrain.py`` is the entry point; it calls :func:`mrm_scale.train.config.add_arguments`,
-:func:`mrm_scale.train.setup.setup_run` and :func:`mrm_scale.train.loop.train`.
+- ``main``      the job: flags -> typed run config (``config``) -> set-up (``setup``) -> the loop (``loop``);
+                ``launch/pretrain.py`` and ``python -m mrm_scale.train.main`` run it
+- ``launcher``  the one way other code starts it as a subprocess (the experiment, ``bench scaling``, the tests)
+- ``config``    flags, ``DataArgs``/``ModelArgs``/``TrainArgs``, the resolved DeepSpeed config and ``Schedule``
+- ``setup``     distributed start, run folder and record, checks before compute, loader, model, engine
+- ``loop``      micro-steps, the non-finite guard, checkpoints (``checkpoint``), metrics and TensorBoard
+                (``metrics``), the image-use probe of every run (``image_use``); ``LoopHooks`` for callers
 """

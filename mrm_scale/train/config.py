@@ -206,7 +206,8 @@ def load_ds_json(path: str | None) -> dict:
     if not path:
         raise RunConfigError("--deepspeed CONFIG.json is required (e.g. --deepspeed ds_configs/zero2.json)")
     if not os.path.isfile(path):
-        raise RunConfigError(f"--deepspeed {path}: file not found (the repository ships ds_configs/zero{{1,2,3}}.json)")
+        raise RunConfigError(f"--deepspeed {path}: file not found (the package ships zero1/2/3 and zero3_offload.json in "
+                             "mrm_scale/ds_configs/, the checkout's ds_configs/)")
     try:
         with open(path) as f:
             return json.load(f)

@@ -9,13 +9,14 @@ out in the report), three image encoders of ``tiny``'s geometry (``EXPERIMENT_MO
             step: the comparison equalises the image-side compute and the samples seen);
 - ``none``  no pretraining: the same encoder with its initial weights (MAE-style init from the seed).
 
-Both pretrainings run the real trainer as a subprocess (``deepspeed --num_gpus N launch/pretrain.py`` with
-``ds_configs/zero2.json``; a plain one-rank ``python launch/pretrain.py`` when ``--nproc 1``) and are exported
-with ``mrm-scale export``'s code. Everything is repeated per seed (default 0, 1, 2): the seed is the pretraining
-run's seed (initial weights, masks, data order), the ``none`` encoder's init, the labelled subset and the probe
-head's init, so the spread covers pretraining as well as the probe. Each encoder is linearly probed (frozen
-encoder, mean-pooled patch tokens, standardised linear head, best epoch by validation AUC) with 1%, 10% and 100%
-of the training labels. The corpus' val split is cut in two fixed halves: validation (epoch selection) and test
+Both pretrainings run the real trainer as a subprocess, started by :mod:`mrm_scale.train.launcher`
+(DeepSpeed's launcher on ``--nproc N`` ranks, a plain one-rank ``python -m mrm_scale.train.main`` when
+``--nproc 1``) with the package's ``ds_configs/zero2.json``, so the experiment runs from an installed package as
+well as from a checkout, and are exported with ``mrm-scale export``'s code. Everything is repeated per seed
+(default 0, 1, 2): the seed is the pretraining run's seed (initial weights, masks, data order), the ``none``
+encoder's init, the labelled subset and the probe head's init, so the spread covers pretraining as well as the
+probe. Each encoder is linearly probed (frozen encoder, mean-pooled patch tokens, standardised linear head, best
+epoch by validation AUC) with 1%, 10% and 100% of the training labels. The corpus' val split is cut in two fixed halves: validation (epoch selection) and test
 (reported). Outputs in ``DIR``: ``results.json``, ``results.md``
 (mean ± std of the test mean AUC per encoder × fraction) and ``auc_vs_fraction.png``.
 
@@ -29,19 +30,20 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 
-from mrm_scale.ports import free_port
+from mrm_scale.formats.checkpoints import is_complete, tag_for
+from mrm_scale.formats.run_record import checkpoints_dir
+from mrm_scale.formats.shards import has_manifest, read_manifest, split_samples
+from mrm_scale.formats.tokenizer import TokenizerIdentity
+from mrm_scale.train.launcher import packaged_ds_config, start_pretraining, stop
 
-log = logging.getLogger("mrm_scale.eval.experiment")
+log = logging.getLogger("mrm_scale.experiments.label_efficiency")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARMS = ("mrm", "mae", "none")
 ARM_LABEL = {"mrm": "MRM (image + report, λ=1)", "mae": "MAE (image only, λ=0)", "none": "none (random init)"}
 
@@ -98,7 +100,7 @@ def prepare_corpus(out: str, s: dict) -> str:
     from mrm_scale.data.prep import PrepOptions, run_prep
 
     shards = os.path.join(out, "shards")
-    if not os.path.isfile(os.path.join(shards, "manifest.json")):
+    if not has_manifest(shards):
         print(f"[experiment] preparing {s['records']} synthetic records in {shards}", flush=True)
     res = run_prep(PrepOptions(source="synthetic", out=shards, num=s["records"], seed=0,
                                synthetic_size=s["synthetic_size"], shard_size=s["shard_size"],
@@ -112,46 +114,29 @@ def _start_pretraining(out: str, shards: str, arm: str, seed: int, s: dict):
     """Start (or resume) the trainer for one arm and seed; None when the run already finished."""
     name = f"{arm}-s{seed}"
     run_dir = os.path.join(out, "runs", name)
-    done = os.path.join(run_dir, "checkpoints", f"step{s['steps']:08d}", "COMPLETE.json")
-    if os.path.isfile(done):
+    done = os.path.join(checkpoints_dir(run_dir), tag_for(s["steps"]))  # the final tag, complete once saved
+    if is_complete(done):
         print(f"[experiment] {name}: reusing the finished run {run_dir}", flush=True)
         return None
-    script = os.path.join(REPO, "launch", "pretrain.py")
-    config = os.path.join(REPO, "ds_configs", "zero2.json")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"{script}: the experiment launches the repository's trainer; run it from a "
-                                "checkout of mrm-scale")
-    flags = ["--deepspeed", config, "--preset", "tiny", "--image-size", str(s["image_size"]),
-             "--report-weight", "1" if arm == "mrm" else "0", "--shards", shards, "--out-root",
+    flags = ["--deepspeed", packaged_ds_config("zero2.json"), "--preset", "tiny",
+             "--image-size", str(s["image_size"]), "--report-weight", "1" if arm == "mrm" else "0", "--shards", shards, "--out-root",
              os.path.join(out, "runs"), "--name", name, "--max-steps", str(s["steps"]), "--micro-batch",
              str(s["micro_batch"]), "--lr", str(s["lr"]), "--warmup-steps", str(s["warmup_steps"]), "--seed", str(seed),
              "--save-every", str(s["steps"]), "--keep-last", "1", "--vis-every", "0", "--workers", "1",
              "--log-every", str(max(1, s["steps"] // 20)), "--backend", "wds"]
     for item in s["model_set"]:
         flags += ["--set", item]
-    if s["nproc"] > 1:
-        launcher = shutil.which("deepspeed")
-        head = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-        cmd = [*head, "--master_port", str(free_port()), "--num_gpus", str(s["nproc"]), script, *flags]
-    else:
-        cmd = [sys.executable, script, *flags]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // s["nproc"])))
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     log_path = os.path.join(out, "logs", f"pretrain_{name}.log")
     print(f"[experiment] {name}: pretraining {s['steps']} steps ({s['nproc']} rank(s)); log {log_path}", flush=True)
-    logf = open(log_path, "a")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    return {"proc": proc, "log": log_path, "logf": logf, "done": done, "t0": time.time()}
+    proc = start_pretraining(flags, s["nproc"], log_path=log_path)
+    return {"proc": proc, "log": log_path, "done": done, "t0": time.time()}
 
 
 def _finish_pretraining(arm: str, job) -> float | None:
     if job is None:
         return None
     code = job["proc"].wait()
-    job["logf"].close()
-    if code != 0 or not os.path.isfile(job["done"]):
+    if code != 0 or not is_complete(job["done"]):
         with open(job["log"]) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"pretraining {arm} failed (exit {code}); see {job['log']}:\n{tail}")
@@ -171,12 +156,16 @@ def pretrain_arms(out: str, shards: str, s: dict) -> dict[tuple[str, int], dict]
                     walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", jobs[arm])
             finally:
                 for job in jobs.values():
-                    if job is not None and job["proc"].poll() is None:
-                        job["proc"].kill()
+                    if job is not None:
+                        stop(job["proc"])
         else:
             for arm in arms:
                 job = _start_pretraining(out, shards, arm, seed, s)
-                walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", job)
+                try:
+                    walls[arm, seed] = _finish_pretraining(f"{arm}-s{seed}", job)
+                finally:  # an interrupted wait (Ctrl-C) leaves no rank behind
+                    if job is not None:
+                        stop(job["proc"])
     return {(arm, seed): {"run_dir": os.path.join(out, "runs", f"{arm}-s{seed}"), "wall_s": wall,
                           "reused": wall is None} for (arm, seed), wall in walls.items()}
 
@@ -192,15 +181,13 @@ def report_image_use(export_dir: str, shards: str, image_size: int, batches: int
 
     from mrm_scale.data.loader import LoaderConfig, build_loader
     from mrm_scale.data.synthetic import finding_word_positions
+    from mrm_scale.eval.loading import load_full_model
     from mrm_scale.model.diagnostics import image_use
 
-    from .export import load_full_model
-
     model = load_full_model(export_dir).eval()
-    with open(os.path.join(shards, "manifest.json")) as f:
-        manifest = json.load(f)
-    tok = Tokenizer.from_file(os.path.join(shards, manifest["tokenizer"]["file"]))
-    bs = max(2, min(32, manifest["splits"]["val"]["samples"]))
+    manifest = read_manifest(shards)
+    tok = Tokenizer.from_file(TokenizerIdentity.from_dict(manifest["tokenizer"], shards).path(shards))
+    bs = max(2, min(32, split_samples(manifest, "val")))
     cfg = LoaderConfig(shards=shards, split="val", backend="wds", batch_size=bs, image_size=image_size, workers=0,
                        shuffle=False, augment=False, max_tokens=model.cfg.max_tokens, channels=model.cfg.in_chans)
     runs = []
@@ -219,7 +206,7 @@ def report_image_use(export_dir: str, shards: str, image_size: int, batches: int
 def extract(model, data, size: int, channels: int, workers: int) -> torch.Tensor:
     from torch.utils.data import DataLoader
 
-    from .datasets import ImageDataset
+    from mrm_scale.eval.datasets import ImageDataset
 
     loader = DataLoader(ImageDataset(data, size, channels), batch_size=64, shuffle=False, num_workers=workers)
     model.eval()
@@ -312,9 +299,10 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
     from mrm_scale.model import get_preset
     from mrm_scale.model.presets import parse_overrides
 
-    from .datasets import draw_subset, shard_set, split_for_test, write_subset
-    from .export import export, load_encoder_weights
-    from .probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
+    from mrm_scale.eval.datasets import draw_subset, shard_set, split_for_test, write_subset
+    from mrm_scale.eval.export import export
+    from mrm_scale.eval.loading import load_encoder_weights
+    from mrm_scale.eval.probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
@@ -331,7 +319,7 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
 
     from mrm_scale.model.flops import formula_training_flops
 
-    vocab = json.load(open(os.path.join(shards, "manifest.json")))["tokenizer"]["vocab_size"]
+    vocab = TokenizerIdentity.from_dict(read_manifest(shards)["tokenizer"], shards).vocab_size
     for arm in pre:
         arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0,
                              **parse_overrides(s["model_set"]))
