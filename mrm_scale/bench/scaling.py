@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from mrm_scale.train.launcher import packaged_ds_config, run_pretraining
+from mrm_scale.train.launcher import packaged_ds_config, run_pretraining, trainer_env
 
 DEFAULT_CONFIG = "zero2.json"  # shipped in the package (mrm_scale/ds_configs/)
 
@@ -119,17 +119,6 @@ def run_one(args, world: int, threads: int, shards: str, out_root: str) -> dict:
     return res
 
 
-def _has_gpu() -> bool:
-    if os.environ.get("DS_ACCELERATOR", "") == "cpu":
-        return False
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         worlds = [int(x) for x in args.ranks.split(",") if x.strip()]
@@ -181,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "bench": "scaling", "preset": args.preset, "micro_batch": args.micro_batch, "precision": args.precision,
         "zero": os.path.basename(args.config), "backend": args.backend, "workers": args.workers,
-        "steps": args.steps, "warmup": args.warmup, "accelerator": "cuda" if _has_gpu() else "cpu",
+        "steps": args.steps, "warmup": args.warmup, "accelerator": trainer_env(1).get("DS_ACCELERATOR") or "cuda",
         "runs": results,
     }
     for r in results:

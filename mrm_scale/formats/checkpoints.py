@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
-from .files import write_atomic
+from .files import read_json, write_json
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 COMPLETE = "COMPLETE.json"
@@ -68,20 +67,14 @@ class CompleteRecord:
     zero_stage: int | None = None
 
     def write(self, tag_path: str) -> None:
-        write_atomic(os.path.join(tag_path, COMPLETE), json.dumps(dataclasses.asdict(self)).encode())
+        write_json(os.path.join(tag_path, COMPLETE), dataclasses.asdict(self), indent=None)
 
     @classmethod
     def read(cls, tag_path: str) -> "CompleteRecord":
-        path = os.path.join(tag_path, COMPLETE)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointLayoutError(
-                f"{tag_path}: no {COMPLETE}, which the trainer writes once every rank has saved; the save was "
-                "interrupted or is still running: take another checkpoint of the run") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointLayoutError(f"{path}: unreadable ({e}); take another checkpoint of the run") from None
+        d = read_json(os.path.join(tag_path, COMPLETE), CheckpointLayoutError,
+                      missing=f"{tag_path}: no {COMPLETE}, which the trainer writes once every rank has saved; the "
+                      "save was interrupted or is still running: take another checkpoint of the run",
+                      unreadable="unreadable ({why}); take another checkpoint of the run")
         step = d.get("step", step_of(os.path.basename(tag_path)))
         return cls(step=int(step if step is not None else -1), world_size=int(d.get("world_size") or 0),
                    model=d.get("model") or {}, tokenizer_sha256=d.get("tokenizer_sha256"),

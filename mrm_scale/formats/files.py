@@ -20,8 +20,20 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def write_json(path: str, obj, *, indent: int = 2) -> None:
+def write_json(path: str, obj, *, indent: int | None = 2) -> None:
     write_atomic(path, json.dumps(obj, indent=indent).encode())
+
+
+def read_json(path: str, error: type[Exception], *, missing: str, unreadable: str):
+    """The JSON in ``path``; a missing file raises ``error(missing)``, an unreadable or unparsable one
+    ``error(f"{path}: {unreadable} (<why>)...")`` (``unreadable`` may go on after ``{why}``, the reason)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: {unreadable.format(why=e)}") from None
 
 
 def sha256_bytes(data: bytes) -> str:

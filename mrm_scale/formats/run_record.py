@@ -16,12 +16,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
 from .checkpoints import CHECKPOINTS_DIR
-from .files import write_json
+from .files import read_json, write_json
 from .tokenizer import TokenizerIdentity
 
 RUN_CONFIG = "run_config.json"
@@ -89,13 +88,8 @@ class RunRecord:
     @classmethod
     def read(cls, run_dir: str) -> "RunRecord":
         path = os.path.join(run_dir, RUN_CONFIG)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise RunRecordError(f"{run_dir}: no {RUN_CONFIG}; not a run folder written by the trainer") from None
-        except (OSError, ValueError) as e:
-            raise RunRecordError(f"{path}: unreadable ({e})") from None
+        d = read_json(path, RunRecordError, missing=f"{run_dir}: no {RUN_CONFIG}; not a run folder written by the "
+                      "trainer", unreadable="unreadable ({why})")
         return cls.from_dict(d, path)
 
     @staticmethod

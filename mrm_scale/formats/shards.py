@@ -22,14 +22,13 @@ A shard folder holds ``manifest.json`` (:func:`write_manifest` / :func:`read_man
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .files import json_bytes, write_atomic
+from .files import json_bytes, read_json, write_atomic
 
 FORMAT_VERSION = "mrm-scale-shards/1"
 MEMBERS = ("jpg", "txt", "ids", "flags", "json")
@@ -185,15 +184,10 @@ def read_manifest(path: str, *, check: bool = True) -> dict:
     """Read and sanity-check ``manifest.json`` (``path`` may be the file or its folder). ``check=False`` only
     parses it (``mrm-scale verify`` lists every problem of a damaged folder instead of stopping at the first)."""
     path = manifest_path(path)
-    if not os.path.isfile(path):
-        raise ManifestError(
-            f"{path}: no shard manifest here; prepare the corpus first, e.g. "
-            f"`mrm-scale prep --source synthetic --num 1000 --out {os.path.dirname(path) or '.'}`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"{path}: unreadable manifest ({e}); re-run `mrm-scale prep` for this folder") from None
+    manifest = read_json(path, ManifestError,
+                         missing=f"{path}: no shard manifest here; prepare the corpus first, e.g. `mrm-scale prep "
+                         f"--source synthetic --num 1000 --out {os.path.dirname(path) or '.'}`",
+                         unreadable="unreadable manifest ({why}); re-run `mrm-scale prep` for this folder")
     if not check:
         return manifest
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:

@@ -12,7 +12,6 @@ finding, a side or a severity (``..._finding_words``). The last figures go into 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -71,8 +70,7 @@ class ImageUseProbe:
     def save(self, step: int, res: dict | None) -> None:
         if res is None or not self.run.is_main:
             return
-        files.write_atomic(os.path.join(self.run.run_dir, IMAGE_USE),
-                        json.dumps({"step": step, **res}, indent=2).encode())
+        files.write_json(os.path.join(self.run.run_dir, IMAGE_USE), {"step": step, **res})
 
 
 def _finding_word_positions(run, batch) -> torch.Tensor | None:
