@@ -220,6 +220,67 @@ def test_resume_other_world_size(shards, backend):
     assert fresh.epoch == 1 and len(fresh) == 8
 
 
+def test_wds_resharded_resume_shows_each_key_at_most_once(shards):
+    """Interrupted mid-epoch on 2 ranks x 2 workers, resumed on 1 rank x 1 worker with another batch size, interrupted
+    again and resumed on 2 ranks x 1 worker: over the epoch no key twice, and only partial-batch tails unseen."""
+    c22 = cfg(shards, "wds", workers=2)
+    old = [build_loader(c22, rank=r, world_size=2) for r in range(2)]
+    its = [iter(x) for x in old]
+    seen = [k for _ in range(2) for it in its for k in next(it)["key"]]
+    states = [x.state_dict() for x in old]
+    for x in old:
+        x.close()
+    one = build_loader(cfg(shards, "wds", workers=1, batch_size=4), rank=0, world_size=1, states=states)
+    assert len(one) == (64 - 32) // 4  # the 32 samples the epoch has left, in batches of 4
+    it = iter(one)
+    seen += [k for _ in range(3) for k in next(it)["key"]]
+    chained = [one.state_dict()]
+    assert len(chained[0]["reshard"]["chain"]) == 1
+    one.close()
+    again = one.state_dict()  # the same setup again: this very position, exact
+    same = build_loader(cfg(shards, "wds", workers=1, batch_size=4), rank=0, world_size=1, states=[again])
+    nxt = next(iter(same))["key"]
+    same.close()
+    rest = []
+    for r in range(2):
+        x = build_loader(cfg(shards, "wds", workers=1, batch_size=4), rank=r, world_size=2, states=chained)
+        assert len(x) == (32 - 12) // 2 // 4
+        rest.append(keys_of(epoch(x)))
+        assert x.epoch == 1 and len(x) == 8  # the next epoch follows the normal plan of the new setup
+    assert nxt == rest[0][:4]
+    seen += rest[0] + rest[1]
+    assert len(seen) == len(set(seen)) == 64 - 4  # 20 left over 2 ranks: 2 full batches each, 4 unseen
+    # the order after the resume is each old reader's own remaining order
+    assert set(seen) <= set(truth(shards))
+
+
+def test_dali_refuses_a_mid_epoch_reshard(shards):
+    c = cfg(shards, "dali", workers=1)
+    loaders = [build_loader(c, rank=r, world_size=2) for r in range(2)]
+    for x in loaders:
+        next(iter(x))
+    states = [x.state_dict() for x in loaders]
+    for x in loaders:
+        x.close()
+    with pytest.raises(LoaderError, match="cannot re-split its position over another setup.*resume with 2 ranks"):
+        build_loader(c, rank=0, world_size=1, states=states)
+    with pytest.raises(LoaderError, match="cannot re-split"):  # nor hand a DALI position to the wds backend
+        build_loader(cfg(shards, "wds", workers=1), rank=0, world_size=1, states=states)
+
+
+def test_duplicate_keys_across_shards_are_refused(shards, tmp_path):
+    from mrm_scale.data.loader import check_unique_keys, resolve_shards
+
+    d = tmp_path / "dup"
+    shutil.copytree(shards, d)
+    check_unique_keys(resolve_shards(cfg(str(d), "wds")))  # intact: nothing to say
+    names = [e["tar"] for e in json.loads((d / sf.MANIFEST).read_text())["splits"]["train"]["shards"]]
+    shutil.copy(d / sf.index_name(names[0]), d / sf.index_name(names[2]))
+    shutil.copy(d / names[0], d / names[2])
+    with pytest.raises(LoaderError, match=f"is in both {names[0]} and {names[2]}.*mrm-scale verify"):
+        check_unique_keys(resolve_shards(cfg(str(d), "wds")))
+
+
 def test_wds_resume_other_workers(shards):
     loader = build_loader(cfg(shards, "wds", workers=2), rank=0, world_size=1)
     it = iter(loader)

@@ -29,8 +29,17 @@ Resume
     world size, backend, ...). ``build_loader(..., state=s)`` continues with exactly the batches an
     uninterrupted run would have produced next: ``dali`` restores the pipeline from DALI's own checkpoint
     (``pipe.checkpoint()``); ``wds`` stores per worker how many raw samples it consumed and skips them
-    again without decoding images. A state from another world size, batch size or worker count is accepted
-    only at an epoch boundary (the plan is recomputed); mid-epoch it is refused naming both values.
+    again without decoding images. ``build_loader(..., states=[every rank's state])`` resumes under another
+    world size, worker count or batch size: at an epoch boundary the plan is recomputed; mid-epoch (``wds``,
+    local indexed shards) the samples the epoch has left are re-split. What is left is a pure function of the
+    saved positions: every old reader's shuffled sequence after its ``pos``, concatenated in reader order
+    (rank-major, then worker); the new ranks × workers take contiguous parts of it in that order (no new
+    shuffle) for the rest of the epoch, and the next epoch follows the normal plan of the new setup. So over
+    the interrupted epoch no sample is shown twice; the ones not shown are the old readers' tails an
+    uninterrupted epoch would have dropped too, plus fewer than ``k*W*B`` of the remainder (partial batches).
+    The order after the resume is the uninterrupted run's remaining order per old reader, read by new readers
+    in turn, not the order an uninterrupted run would have used. ``dali`` refuses a mid-epoch re-split (its
+    reader position lives in DALI's own checkpoint), naming the world size to resume with.
 
 Workers
     ``loader.close()`` stops worker processes / pipelines kept between iterations (``wds`` keeps its workers
@@ -38,7 +47,8 @@ Workers
 
 Checks before work (``LoaderError``)
     missing manifest or split (run ``mrm-scale prep``), ``max_tokens`` or tokenizer (sha256 / vocabulary
-    size) different from the run's, fewer shards than readers (ranks for ``dali``, ranks × workers for
+    size) different from the run's, index files whose sample counts differ from the manifest or that list a
+    key of another shard (``check_unique_keys``, run once by the trainer), fewer shards than readers (ranks for ``dali``, ranks × workers for
     ``wds``), missing shard or index files, a batch larger than what one reader gets per epoch.
 
 Bad data at run time
@@ -53,16 +63,18 @@ from __future__ import annotations
 
 from .streaming import (  # the loader's public surface; the backends and the plan live beside it
     BACKENDS, EPOCH_MODES, LoaderConfig, LoaderError, ShardDataError, ShardSet, StreamingLoader, labels_value,
-    resolve_shards, check_config, steps_per_epoch,
+    resolve_shards, check_config, check_unique_keys, steps_per_epoch,
 )
 from .transforms import normalise_gray
 
 __all__ = ["BACKENDS", "EPOCH_MODES", "LoaderConfig", "LoaderError", "ShardDataError", "ShardSet", "StreamingLoader",
-           "build_loader", "check_config", "labels_value", "normalise_gray", "resolve_shards", "steps_per_epoch"]
+           "build_loader", "check_config", "check_unique_keys", "labels_value", "normalise_gray", "resolve_shards", "steps_per_epoch"]
 
 
-def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: dict | None = None):
-    """The one factory: check everything, then build the chosen backend (optionally resumed from ``state``)."""
+def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: dict | None = None,
+                 states: list[dict] | None = None):
+    """The one factory: check everything, then build the chosen backend, optionally resumed from ``state``
+    (this rank's own) or ``states`` (every rank's of the saved run, any world size: see "Resume")."""
     if cfg.backend not in BACKENDS:
         raise LoaderError(f"backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
     shardset = resolve_shards(cfg)
@@ -72,7 +84,9 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: d
     else:
         from mrm_scale.data.wds_loader import WdsLoader as cls
     loader = cls(cfg, shardset, rank, world_size)
-    if state:
+    if states:
+        loader.resume_from(states)
+    elif state:
         loader.load_state_dict(state)
     return loader
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mrm_scale.formats import files
+
 from .prep import SOURCES, PrepError, PrepOptions, run_prep, summary
 
 D = PrepOptions.__dataclass_fields__
@@ -46,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
         result = run_prep(opt)
     except PrepError as e:
         print(f"mrm-scale prep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        free, _ = files.free_space(opt.out)
+        print(f"mrm-scale prep: error: the disk is full writing {e.filename or opt.out} ({free}); free space or "
+              f"give --out on a larger disk, then run prep again (no manifest.json was written for the shards "
+              "in that folder, so nothing takes them for complete)", file=sys.stderr)
         return 2
     print(summary(result))
     if result.rejected:

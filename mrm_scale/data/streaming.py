@@ -198,6 +198,30 @@ def resolve_shards(cfg: LoaderConfig) -> ShardSet:
     return ShardSet(root=root, manifest=manifest, split=cfg.split, shards=shards)
 
 
+def check_unique_keys(shardset: ShardSet) -> None:
+    """Refuse, before compute, shards whose index files disagree with the manifest: a sample count that differs,
+    or a key listed in more than one shard (a shard replaced by a copy of another, say), which would show some
+    samples twice per epoch and others never. Reads only the index files (local shards that have one)."""
+    where = os.path.join(shardset.root, sf.MANIFEST)
+    seen: dict[str, str] = {}
+    for shard in shardset.shards:
+        if shard.index is None or not is_local(shard.url):
+            continue
+        try:
+            keys = [k for k, _ in sf.read_index(shard.index)]
+        except (OSError, ValueError) as e:
+            raise LoaderError(f"{shard.index}: unreadable index ({e}); run `mrm-scale verify {shardset.root}`") from None
+        if len(keys) != shard.samples:
+            raise LoaderError(f"{shard.index} lists {len(keys)} samples, {where} says {shard.name} holds "
+                              f"{shard.samples}; run `mrm-scale verify {shardset.root}` and re-run `mrm-scale prep`")
+        for key in keys:
+            other = seen.setdefault(key, shard.name)
+            if other != shard.name:
+                raise LoaderError(f"key {key!r} is in both {other} and {shard.name} (a shard copied over another?); "
+                                  f"samples would be seen twice per epoch; run `mrm-scale verify {shardset.root}` "
+                                  "and re-run `mrm-scale prep` for the damaged shards")
+
+
 def check_config(cfg: LoaderConfig, shardset: ShardSet, rank: int, world_size: int) -> None:
     """Refuse configurations that cannot work, naming the fix."""
     if cfg.backend not in BACKENDS:
@@ -360,6 +384,57 @@ class StreamingLoader:
 
     def _load_backend_state(self, state: dict) -> None:
         pass
+
+    def resume_from(self, states: list[dict]) -> None:
+        """Continue from the loader states of *every* rank of the saved run, whatever its world size.
+
+        The same setup (world size, workers, batch size): this rank's own state, exact. Another setup at an
+        epoch boundary: the epoch's plan is recomputed for this setup. Another setup mid-epoch: the epoch's
+        remaining samples are re-split over this run's ranks × workers (:meth:`_reshard`; ``wds`` only), so the
+        samples seen before and after together show each sample at most once. Raises :class:`LoaderError`
+        (before any work) when that cannot be done.
+        """
+        if not states or not all(isinstance(s, dict) for s in states):
+            raise LoaderError("the checkpoint holds no loader state per rank; start the epoch afresh "
+                              "(--resume none starts a new run)")
+        if len(states) == self.world_size and self._same_setup(states[self.rank]):
+            self.load_state_dict(states[self.rank])
+            return
+        base = states[0]
+        if base.get("version") != STATE_VERSION:
+            self.load_state_dict(base)  # raises, naming the version
+        epoch, batch = int(base["epoch"]), int(base["batch"])
+        if any((int(s["epoch"]), int(s["batch"])) != (epoch, batch) for s in states):
+            raise LoaderError(f"the checkpoint's loader states disagree on the position (epoch, batch): "
+                              f"{sorted({(int(s['epoch']), int(s['batch'])) for s in states})}; resume from "
+                              "the checkpoint before it")
+        if batch == 0:  # an epoch boundary: nothing to re-split
+            self.load_state_dict({**base, "skipped": int(states[min(self.rank, len(states) - 1)].get("skipped", 0))})
+            return
+        for k, what in (("seed", "seed"), ("samples", f"{self.cfg.split} samples"), ("split", "split"),
+                        ("epoch_mode", "epoch mode")):
+            if base.get(k) != self._identity()[k]:
+                raise LoaderError(
+                    f"loader state was saved mid-epoch ({epoch}, batch {batch}) with {what} {base.get(k)!r}, this "
+                    f"run has {what} {self._identity()[k]!r}: the remaining samples of the epoch cannot be "
+                    f"worked out; resume with {what} {base.get(k)!r}")
+        self._reshard(states, epoch)
+
+    def _same_setup(self, state: dict) -> bool:
+        mine = self._identity()
+        return all(state.get(k) == v for k, v in mine.items())
+
+    def _reshard(self, states: list[dict], epoch: int) -> None:
+        """Re-split a mid-epoch position saved under another setup; only ``wds`` can (its override)."""
+        old = states[0]
+        was = old.get("backend")
+        raise LoaderError(
+            f"loader state was saved mid-epoch ({epoch}, batch {old['batch']}) by {len(states)} ranks × "
+            f"{old.get('readers')} readers of the {was} backend; this run has {self.world_size} ranks × "
+            f"{self.cfg.readers_per_rank} on {self.backend}: a {was} position cannot re-split its position over "
+            f"another setup{' (the DALI reader keeps it in its own per-rank checkpoint)' if was == 'dali' else ''}: "
+            f"resume with {len(states)} ranks, the same --workers and --backend {was} (positions of the wds "
+            "backend can be re-split)")
 
     def _next_epoch(self) -> None:
         self.epoch += 1

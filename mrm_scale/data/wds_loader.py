@@ -197,6 +197,75 @@ def worker_plan(cfg, counts: list[int], epoch: int, rank: int,
     return [segments(order, counts, a + lo, a + hi) for lo, hi in (split_range(b - a, w, W) for w in range(W))]
 
 
+# ------------------------------------------------------------------------------------- re-sharded resume
+#
+# The samples an epoch has left are a pure function of the saved positions: reader k (rank-major, then worker) of
+# the plan reads its range through the seeded shuffle buffer, and its saved ``pos`` counts how many of that
+# shuffled sequence it has consumed; the rest, concatenated in reader order, is what the epoch has left. A
+# re-sharded epoch splits that remainder contiguously over the new ranks × workers, each reading its part in
+# order (it is shuffled already). Another interruption inside it appends one more event to the chain.
+
+
+def _plan_sequences(counts: list[int], seed: int, epoch: int, shuffle: bool, buffer: int, world: int,
+                    readers: int) -> list[np.ndarray]:
+    """Global sample ids (shard offset + index, shards in manifest order) every reader of a normal epoch
+    consumes, in the order it consumes them (after the shuffle buffer), readers rank-major."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    order = shard_order(len(counts), seed, epoch, shuffle)
+    out = []
+    for r in range(world):
+        a, b = split_range(int(offsets[-1]), r, world)
+        for w in range(readers):
+            lo, hi = split_range(b - a, w, readers)
+            segs = segments(order, counts, a + lo, a + hi)
+            raw = [int(offsets[i]) + j for i, s0, s1 in segs for j in range(s0, s1)]
+            if shuffle and buffer:
+                rng = np.random.default_rng(seed_for(seed, TAG_WDS_SHUFFLE, epoch, r, w, 0))
+                raw = list(shuffle_buffer(iter(raw), buffer, rng))
+            out.append(np.asarray(raw, dtype=np.int64))
+    return out
+
+
+def remaining_samples(counts: list[int], seed: int, epoch: int, shuffle: bool, chain: list[dict]) -> np.ndarray:
+    """The global sample ids ``epoch`` has left after the interruptions in ``chain`` (oldest first)."""
+    first = chain[0]
+    seqs = _plan_sequences(counts, seed, epoch, shuffle, int(first["buffer"]), int(first["world_size"]),
+                           int(first["readers"]))
+    rest = np.zeros(0, np.int64)
+    for i, ev in enumerate(chain):
+        if i:
+            n = int(ev["world_size"]) * int(ev["readers"])
+            seqs = [rest[a:b] for a, b in (split_range(len(rest), k, n) for k in range(n))]
+        if len(ev["pos"]) != len(seqs):
+            raise LoaderError(f"re-sharded loader state: {len(ev['pos'])} reader positions for {len(seqs)} readers")
+        rest = np.concatenate([seq[min(int(p), len(seq)):] for seq, p in zip(seqs, ev["pos"])]) if seqs else \
+            np.zeros(0, np.int64)
+    return rest
+
+
+def reshard_plan(counts: list[int], seed: int, epoch: int, shuffle: bool, chain: list[dict], rank: int,
+                 world: int, readers: int, batch_size: int) -> tuple[int, list[list[tuple[int, int, int]]]]:
+    """(batches per rank in the re-sharded epoch, per worker of ``rank`` its (shard, start, stop) runs)."""
+    rest = remaining_samples(counts, seed, epoch, shuffle, chain)
+    n = world * readers
+    quota = (len(rest) // n) // batch_size
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    plans = []
+    for w in range(readers):
+        a, b = split_range(len(rest), rank * readers + w, n)
+        ids = rest[a:b]
+        shard = np.searchsorted(offsets, ids, side="right") - 1
+        local = ids - offsets[shard]
+        runs: list[tuple[int, int, int]] = []
+        for i, j in zip(shard.tolist(), local.tolist()):
+            if runs and runs[-1][0] == i and runs[-1][2] == j:
+                runs[-1] = (i, runs[-1][1], j + 1)
+            else:
+                runs.append((i, j, j + 1))
+        plans.append(runs)
+    return readers * quota, plans
+
+
 class _Stream(IterableDataset):
     """One rank's batches from (epoch, start_batch) on, epoch after epoch, endlessly.
 
@@ -209,7 +278,7 @@ class _Stream(IterableDataset):
 
     def __init__(self, cfg, urls: list[str], counts: list[int], indexes: list[str | None], epoch: int, rank: int,
                  world_size: int, steps: int, start_batch: int, pos: list[int], bad: list[int],
-                 busy: torch.Tensor | None = None):
+                 busy: torch.Tensor | None = None, reshard: dict | None = None):
         self.cfg, self.urls, self.counts, self.indexes = cfg, urls, counts, indexes
         self.exts = frozenset(["jpg", "ids", "flags"] + (["json"] if cfg.labels else []))
         self.busy = busy  # shared (worker slots, ring slots) int32 flags of the batch buffer ring, or None
@@ -219,6 +288,7 @@ class _Stream(IterableDataset):
         self.steps, self.start_batch = steps, start_batch
         self.pos, self.bad = pos, bad
         self.readers = cfg.readers_per_rank
+        self.reshard = reshard  # {"epoch", "steps", "plans"}: the first epoch is a re-sharded remainder
 
     def _read(self, i: int, start: int, stop: int, counters: _Counters, first_pass: bool = True) -> Iterator[dict]:
         """Samples ``[start, stop)`` of shard ``i``: by its index when local (fast), else through webdataset."""
@@ -243,13 +313,14 @@ class _Stream(IterableDataset):
             yield from shuffle_buffer(drawn(), buf, rng) if buf else drawn()
             return
         segs = plan[w]
+        resharded = self.reshard is not None and epoch == self.reshard["epoch"]
         for rnd in itertools.count():
             if rnd == 1:
                 log.warning("wds: rank %d worker %d ran short of samples after skipping bad ones; re-reading "
                             "its range to fill its quota", self.rank, w)
             src = itertools.chain.from_iterable(self._read(i, a, b, counters, rnd == 0)
                                                 for i, a, b in segs)
-            if buf:
+            if buf and not (resharded and rnd == 0):  # a re-sharded remainder is in shuffled order already
                 src = shuffle_buffer(src, buf, np.random.default_rng(
                     seed_for(cfg.seed, TAG_WDS_SHUFFLE, epoch, self.rank, w, rnd)))
             n = 0
@@ -268,7 +339,10 @@ class _Stream(IterableDataset):
         B, S, L = cfg.batch_size, cfg.image_size, cfg.max_tokens
         if todo <= 0:
             return
-        plan = worker_plan(cfg, self.counts, epoch, self.rank, self.world_size)
+        if self.reshard is not None and epoch == self.reshard["epoch"]:
+            plan = self.reshard["plans"]
+        else:
+            plan = worker_plan(cfg, self.counts, epoch, self.rank, self.world_size)
         counters = _Counters(bad)
         stream = self._raw(epoch, plan, w, counters)
         for _ in range(pos):  # resume: skip what this worker already delivered, without decoding
@@ -351,15 +425,27 @@ class _Stream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         slot = info.id if info is not None else 0
-        W, steps = self.readers, self.steps
+        W = self.readers
         epoch, g, lo = self.epoch, -self.start_batch, self.start_batch
         pos, bad = self.pos, self.bad
         while True:
+            steps = self.reshard["steps"] if self.reshard is not None and epoch == self.reshard["epoch"] \
+                else self.steps
             w = (slot - g) % W
             todo = reader_quota(steps, W, w) - reader_quota(lo, W, w)
             yield from self._batches(epoch, w, todo, pos[w], bad[w])
             epoch, g, lo = epoch + 1, g + steps, 0
             pos, bad = [0] * W, [0] * W
+
+
+def _leave_stopping_to_the_rank(_worker_id: int) -> None:
+    """Workers ignore the stop signals (SIGTERM, SIGINT, SIGUSR1) their process group or a launcher's
+    ``terminate`` sends: the rank decides when to stop, and may still need batches for its last step before it
+    saves. A worker ends with its rank (the DataLoader's watchdog)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class WdsLoader(StreamingLoader):
@@ -375,6 +461,8 @@ class WdsLoader(StreamingLoader):
         self._busy: torch.Tensor | None = None  # its workers' batch buffer ring flags (shared memory)
         self._ring_refs: dict[tuple[int, int], tuple] = {}  # the ring buffers as mapped here
         self._stream_at: tuple[int, int] | None = None  # (epoch, batch) it delivers next
+        self._normal_steps = self.steps
+        self._resplit: dict | None = None  # the current epoch re-splits what an interrupted run left ("chain")
 
     @property
     def skipped(self) -> int:
@@ -388,10 +476,60 @@ class WdsLoader(StreamingLoader):
         self.close()
         W = self.cfg.readers_per_rank
         self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
+        chain = (state.get("reshard") or {}).get("chain") if isinstance(state, dict) else None
+        if chain and int(state.get("batch", 0)):
+            self._set_reshard(int(state["epoch"]), chain)  # the saved epoch was a re-split remainder
+        else:
+            self._set_reshard(None, None)
         super().load_state_dict(state)
 
+    def _same_setup(self, state: dict) -> bool:
+        if (state.get("reshard") or {}).get("chain"):  # its batches per epoch follow from the chain
+            return all(state.get(k) == v for k, v in self._identity().items() if k != "steps")
+        return super()._same_setup(state)
+
+    def _buffer(self) -> int:
+        return self.cfg.shuffle_buffer if self.cfg.do_shuffle else 0
+
     def _backend_state(self) -> dict:
-        return {"wds": {"pos": list(self._pos), "bad": list(self._bad), "missing": list(self._missing)}}
+        out = {"wds": {"pos": list(self._pos), "bad": list(self._bad), "missing": list(self._missing),
+                       "buffer": self._buffer()}}
+        if self._resplit is not None:
+            out["reshard"] = {"chain": self._resplit["chain"]}
+        return out
+
+    def _set_reshard(self, epoch: int | None, chain: list[dict] | None) -> None:
+        if chain is None:
+            self._resplit, self.steps = None, self._normal_steps
+            return
+        steps, plans = reshard_plan(self.shardset.counts, self.cfg.seed, epoch, self.cfg.do_shuffle, chain,
+                                    self.rank, self.world_size, self.cfg.readers_per_rank, self.cfg.batch_size)
+        self._resplit = {"epoch": epoch, "chain": chain, "steps": steps, "plans": plans}
+        self.steps = steps
+
+    def _reshard(self, states: list[dict], epoch: int) -> None:
+        """Re-split what the saved run's readers left of ``epoch`` over this run's ranks × workers."""
+        bad = [s.url for s in self.shardset.shards if not is_local(s.url) or s.index is None]
+        if bad:
+            raise LoaderError(f"{bad[0]}: re-splitting a mid-epoch position over another number of ranks or "
+                              "workers reads samples by offset, which needs local tars with their .idx index; "
+                              f"resume with {len(states)} ranks and the same --workers")
+        old = states[0]
+        if any(s.get("backend") != "wds" or not isinstance(s.get("wds"), dict) for s in states):
+            super()._reshard(states, epoch)  # not a wds position: refused, naming the way out
+        chain = list((old.get("reshard") or {}).get("chain") or [])
+        chain.append({"world_size": len(states), "readers": int(old["readers"]), "batch_size": int(old["batch_size"]),
+                      "buffer": int(old["wds"].get("buffer", self._buffer())),
+                      "pos": [int(p) for s in states for p in s["wds"]["pos"]]})
+        self.close()
+        W = self.cfg.readers_per_rank
+        self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
+        mine = states[self.rank] if self.rank < len(states) else {}
+        self.skipped = int(mine.get("skipped", 0))
+        self._set_reshard(epoch, chain)
+        self.epoch, self.batch = epoch, 0
+        log.info("wds: re-split the rest of epoch %d (%d ranks x %d workers before, %d x %d now): %d batches "
+                 "per rank left", epoch, len(states), int(old["readers"]), self.world_size, W, self.steps)
 
     def _load_backend_state(self, state: dict) -> None:
         total = self.skipped
@@ -411,6 +549,8 @@ class WdsLoader(StreamingLoader):
         self._skipped_before = self.skipped
         W = self.cfg.readers_per_rank
         self._pos, self._bad, self._missing = [0] * W, [0] * W, [0] * W
+        if self._resplit is not None:
+            self._resplit, self.steps = None, self._normal_steps
         super()._next_epoch()
 
     def close(self) -> None:
@@ -436,10 +576,13 @@ class WdsLoader(StreamingLoader):
             slots = max(1, cfg.prefetch) + RING_SLOTS_EXTRA
             self._busy = torch.zeros((cfg.workers, slots), dtype=torch.int32).share_memory_()
         ds = _Stream(cfg, [s.url for s in shards], self.shardset.counts, [s.index for s in shards], self.epoch,
-                     self.rank, self.world_size, self.steps, self.batch, list(self._pos), list(self._bad), self._busy)
+                     self.rank, self.world_size, self._normal_steps, self.batch, list(self._pos), list(self._bad),
+                     self._busy, None if self._resplit is None else
+                     {k: self._resplit[k] for k in ("epoch", "steps", "plans")})
         kw = {}
         if cfg.workers > 0:
-            kw = {"prefetch_factor": max(1, cfg.prefetch), "multiprocessing_context": cfg.mp_context}
+            kw = {"prefetch_factor": max(1, cfg.prefetch), "multiprocessing_context": cfg.mp_context,
+                  "worker_init_fn": _leave_stopping_to_the_rank}
         # pin_memory is applied after normalising (the float image is made in this process)
         self._stream = iter(DataLoader(ds, batch_size=None, num_workers=cfg.workers, persistent_workers=False, **kw))
         self._stream_at = (self.epoch, self.batch)

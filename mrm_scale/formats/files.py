@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -47,3 +49,32 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def free_space(path: str) -> tuple[str, bool]:
+    """("X free of Y on that file system", nearly full?) for the file system holding ``path`` (or its nearest
+    existing parent)."""
+    folder = os.path.abspath(path)
+    while folder and not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown", False
+    return (f"{human_size(usage.free)} free of {human_size(usage.total)} on that file system",
+            usage.free < max(64 << 20, usage.total // 200))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write failed for want of space (ENOSPC, EDQUOT, or torch's serializer's words for it)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left" in str(error) or "Disk quota exceeded" in str(error)
