@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("mrm_scale.data.verify", "re-read a shard folder and check it against its manifest"),
     "model-info": ("mrm_scale.model.info", "parameters per part and training GFLOPs per sample of a preset"),
     "bench": ("mrm_scale.bench", "benchmarks: loader, step, scaling"),
+    "checkpoint": ("mrm_scale.train.checkpoint_cli",
+                   "inspect a run's checkpoints; convert one for another world size or ZeRO stage"),
     "export": ("mrm_scale.eval.export", "export a checkpoint: timm image encoder, transformers report model, model card"),
     "experiment": ("mrm_scale.experiments.label_efficiency",
                    "experiments: label-efficiency (MRM vs image-only MAE vs random init)"),

@@ -179,6 +179,25 @@ def test_export_refuses_incomplete_checkpoints_naming_the_missing_files(pretrain
     assert not (tmp_path / "x").exists()
 
 
+def test_export_of_a_truncated_checkpoint_names_the_file(pretrained, tmp_path):
+    from mrm_scale.eval.loading import CheckpointRef, ExportError, consolidate, unreadable_files
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained["run_dir"], run_dir)
+    ckpt = run_dir / "checkpoints" / "step00000003"
+    cut = ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = cut.stat().st_size
+    with open(cut, "r+b") as f:
+        f.truncate(size // 2)
+    code, out = export_cli(ckpt, "--out", tmp_path / "x", check=False)
+    assert code == 2 and f"{cut} is {size // 2} bytes, {size} when saved" in out, out[-2000:]
+    assert "Traceback" not in out and not (tmp_path / "x").exists()
+    # past the size record (a checkpoint saved before sizes were recorded): the unreadable file is named
+    assert str(cut) in unreadable_files(str(ckpt))
+    with pytest.raises(ExportError, match=f"{cut}.*cannot be read"):
+        consolidate(CheckpointRef(str(ckpt.parent), ckpt.name, str(run_dir)), 3)
+
+
 def test_timm_spec_for_every_preset():
     """Presets with a timm name load into exactly that architecture, without kwargs (input 224, patch 16/14)."""
     from mrm_scale.eval.timm_interop import timm_call, timm_spec

@@ -52,7 +52,10 @@ def read_run_record(ref: CheckpointRef) -> RunRecord:
             return RunRecord.read(ref.run_dir)
         files = sorted(glob.glob(os.path.join(ref.path, "*model_states.pt")))
         if files:
-            state = torch.load(files[0], map_location="cpu", weights_only=False)
+            try:
+                state = torch.load(files[0], map_location="cpu", weights_only=False)
+            except RuntimeError as e:
+                raise ExportError(f"{files[0]} cannot be read ({e}); export another checkpoint of the run") from None
             if isinstance(state, dict) and isinstance(state.get("run_config"), dict):
                 return RunRecord.from_dict(state["run_config"], files[0])
     except RunRecordError as e:
@@ -103,6 +106,10 @@ def check_checkpoint(ref: CheckpointRef, record: RunRecord) -> dict:
     world = int((info.world_size if info else 0) or record.world_size or 1)
     stage = _zero_stage(record, ckpt)
     missing += [f for f in expected_files(stage, world, record.bf16) if not _present(ckpt, f)]
+    damaged = info.check_files(ckpt) if info and not missing else []  # sizes recorded at save time
+    if damaged:
+        raise ExportError(f"{ckpt}: damaged checkpoint: {'; '.join(damaged)}; export another checkpoint of the run "
+                          "(`mrm-scale checkpoint inspect` lists them) or copy the file back from a backup")
     if missing:
         why = (f"{layout.COMPLETE} is written only after every rank has saved, so the save was interrupted or is "
                "still running" if layout.COMPLETE in missing else "DeepSpeed files are gone")
@@ -117,6 +124,20 @@ def check_checkpoint(ref: CheckpointRef, record: RunRecord) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # consolidation and the model
 # ----------------------------------------------------------------------------------------------------------------
+def unreadable_files(folder: str) -> str:
+    """The ``*.pt`` files of ``folder`` torch cannot open (truncated zip archives), comma-separated."""
+    import zipfile
+
+    bad = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            bad.append(f"{path} ({e})")
+    return ", ".join(bad)
+
+
 def consolidate(ref: CheckpointRef, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the module (parameters from the optimizer's fp32 master partitions, buffers
     from the model states), via DeepSpeed's own consolidation; stage 0 reads the module weights directly."""
@@ -133,6 +154,9 @@ def consolidate(ref: CheckpointRef, zero_stage: int) -> dict[str, torch.Tensor]:
                 sd = get_fp32_state_dict_from_zero_checkpoint(ref.root, tag=ref.tag)
         except (FileNotFoundError, ValueError) as e:
             raise ExportError(f"{ref.path}: DeepSpeed could not consolidate this checkpoint: {e}") from None
+        except RuntimeError as e:  # torch's reader on a cut-short file: find which one
+            raise ExportError(f"{ref.path}: {unreadable_files(ref.path) or 'a file'} cannot be read ({e}); export "
+                              "another checkpoint of the run or copy the file back") from None
         finally:
             log.debug("zero_to_fp32 said:\n%s", chatter.getvalue())
     out = {}

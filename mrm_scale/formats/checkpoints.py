@@ -4,7 +4,9 @@
 counts only once every rank has finished writing it and rank 0 has written :data:`COMPLETE` into it — a
 :class:`CompleteRecord`: step, world size, model config, tokenizer sha256, ZeRO stage, what a resume or an
 export must agree with, readable without loading the checkpoint. A save interrupted midway therefore never
-replaces a good checkpoint: the newest *complete* tag is the one taken.
+replaces a good checkpoint: the newest *complete* tag is the one taken. The record also lists every file of the
+tag with its size and every rank's data position, so that a file lost or cut short later is found before
+anything loads it, and a resume under another world size can be checked before compute.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from .files import read_json, write_json
 CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 COMPLETE = "COMPLETE.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
+# DeepSpeed's universal form of a tag (``ds_to_universal``), written beside the tag's own files when a run resumes
+# it under another world size or ZeRO stage (or by ``mrm-scale checkpoint convert``): <tag>/universal/
+UNIVERSAL_DIR = "universal"
 
 
 class CheckpointLayoutError(ValueError):
@@ -65,6 +70,24 @@ class CompleteRecord:
     model: dict = field(default_factory=dict)  # MRMConfig.to_dict() of the run
     tokenizer_sha256: str | None = None
     zero_stage: int | None = None
+    offload: bool | None = None  # ZeRO offload of the optimizer (or parameters) to the CPU
+    files: dict = field(default_factory=dict)  # every file DeepSpeed wrote into the tag: name -> size in bytes
+    loader: list = field(default_factory=list)  # every rank's loader state (the data position), rank order
+
+    def check_files(self, tag_path: str) -> list[str]:
+        """What is wrong with the tag's files against what was recorded at save time: one line per missing or
+        resized file (empty when all is well, or when the record predates size records)."""
+        problems = []
+        for name, size in sorted(self.files.items()):
+            path = os.path.join(tag_path, name)
+            try:
+                have = os.path.getsize(path)
+            except OSError:
+                problems.append(f"{path} is missing")
+                continue
+            if have != int(size):
+                problems.append(f"{path} is {have} bytes, {int(size)} when saved (truncated or rewritten)")
+        return problems
 
     def write(self, tag_path: str) -> None:
         write_json(os.path.join(tag_path, COMPLETE), dataclasses.asdict(self), indent=None)
@@ -78,7 +101,27 @@ class CompleteRecord:
         step = d.get("step", step_of(os.path.basename(tag_path)))
         return cls(step=int(step if step is not None else -1), world_size=int(d.get("world_size") or 0),
                    model=d.get("model") or {}, tokenizer_sha256=d.get("tokenizer_sha256"),
-                   zero_stage=d.get("zero_stage"))
+                   zero_stage=d.get("zero_stage"), offload=d.get("offload"), files=d.get("files") or {},
+                   loader=list(d.get("loader") or []))
+
+
+def tag_files(tag_path: str) -> dict[str, int]:
+    """name -> size of the files DeepSpeed wrote into a tag (not :data:`COMPLETE`, not the universal form)."""
+    out = {}
+    for name in sorted(os.listdir(tag_path)):
+        path = os.path.join(tag_path, name)
+        if name != COMPLETE and name != UNIVERSAL_DIR and os.path.isfile(path) and ".tmp-" not in name:
+            out[name] = os.path.getsize(path)
+    return out
+
+
+def universal_path(tag_path: str) -> str:
+    return os.path.join(tag_path, UNIVERSAL_DIR)
+
+
+def has_universal(tag_path: str) -> bool:
+    """A finished universal form (the conversion renames its folder into place only when done)."""
+    return os.path.isdir(os.path.join(tag_path, UNIVERSAL_DIR, "zero"))
 
 
 @dataclass

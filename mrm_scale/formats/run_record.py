@@ -102,6 +102,13 @@ class RunRecord:
         return None if stage is None else int(stage)
 
     @property
+    def offload(self) -> bool:
+        """ZeRO offloads the optimizer or the parameters (to the CPU or NVMe)."""
+        zero = self.ds_config.get("zero_optimization") or {}
+        return any(str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")
+                   for k in ("offload_optimizer", "offload_param"))
+
+    @property
     def bf16(self) -> bool | None:
         section = self.ds_config.get("bf16")
         return bool(section.get("enabled")) if isinstance(section, dict) else None

@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU (default: known GPU table, or a matmul measured at start on CPU)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite losses")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait for a rank before the run stops naming it (gloo and NCCL; "
+                   "raise it when saves or a checkpoint conversion take longer)")
     g.add_argument("--trace", action="store_true",
                    help="write per-rank keys and losses of every step to <run>/trace/rank<R>.jsonl")
     return p
@@ -134,6 +137,7 @@ class TrainArgs:
     image_use_samples: int = 32
     peak_tflops: float | None = None
     max_bad_steps: int = 5
+    dist_timeout: float = 600.0
     trace: bool = False
 
 

@@ -27,11 +27,21 @@ from . import checkpoint
 from .config import bf16_enabled
 from .image_use import ImageUseProbe, summary_line
 from .metrics import Metrics, device_peak_tflops
+from .preemption import EXIT_PREEMPTED, StopRequest
 from .setup import Run, build_loader_for
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """The run stopped on request (a signal, the launcher gone) after writing a complete checkpoint."""
+
+    def __init__(self, step: int, reason: str, checkpoint_path: str):
+        self.step, self.reason, self.checkpoint_path = step, reason, checkpoint_path
+        super().__init__(f"stopped at step {step} on {reason}: checkpoint {checkpoint_path} is complete; run the "
+                         f"same command again (--resume auto) to continue (exit {EXIT_PREEMPTED})")
 
 
 class LoopHooks:
@@ -40,6 +50,9 @@ class LoopHooks:
 
     def before_step(self, step: int) -> None:
         """Called before optimizer step ``step`` (1-based) is computed."""
+
+    def after_resume(self, engine, step: int) -> None:
+        """Called right after a checkpoint was loaded into ``engine`` (before the loader is built)."""
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss of step ``step`` as the loop will use it (checked for NaN, backpropagated)."""
@@ -125,12 +138,14 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
     image_dtype = torch.bfloat16 if bf16 else torch.float32
     max_steps = run.schedule.max_steps
 
-    step, loader_state = 0, None
+    step, loader_states = 0, None
     if run.resume_from:
-        step, loader_state = checkpoint.load(engine, *run.resume_from, run.rank)
+        step, loader_states = checkpoint.load(engine, run.resume_from, run.rank)
+        if hooks is not None:
+            hooks.after_resume(engine, step)
         if run.is_main:
-            print(f"resumed from {os.path.join(*run.resume_from)} at step {step}", flush=True)
-    loader = build_loader_for(run, loader_state)
+            print(f"resumed from {run.resume_from.path} at step {step}", flush=True)
+    loader = build_loader_for(run, loader_states)
     stream = BatchStream(loader)
 
     from mrm_scale.model.flops import formula_training_flops
@@ -162,6 +177,7 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
     bad_total = bad_run = 0
     last = {}
     engine.train()
+    stop = StopRequest().install()  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the next step boundary
     try:
         while step < max_steps:
             hooks.before_step(step + 1)
@@ -216,11 +232,19 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
                 image_use = probe.measure(engine)  # every rank: a ZeRO-3 forward needs all of them
                 metrics.image_use(step, image_use)
                 probe.save(step, image_use)
-            if step % args.save_every == 0 or step == max_steps:
+            saved = step % args.save_every == 0 or step == max_steps
+            if saved:
                 tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.record, args.keep_last)
                 if run.is_main:
                     print(f"checkpoint {os.path.join(run.ckpt_dir, tag)}", flush=True)
+            reason = stop.agreed(run.device)  # every rank, every step: any rank's request stops all of them
+            if reason:
+                if not saved:
+                    tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.record,
+                                          args.keep_last)
+                raise Preempted(step, reason, os.path.join(run.ckpt_dir, tag))
     finally:
+        stop.uninstall()
         metrics.close()
     digest = param_digest(engine)
     if trace:

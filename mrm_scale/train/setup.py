@@ -20,17 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader
+from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, check_unique_keys
 from mrm_scale.formats import files
 from mrm_scale.formats import shards as sf
-from mrm_scale.formats.checkpoints import CheckpointLayoutError, CompleteRecord
+from mrm_scale.formats import checkpoints as layout
 from mrm_scale.formats.run_record import DS_CONFIG, RunRecord, checkpoints_dir
 from mrm_scale.formats.tokenizer import TokenizerIdentity
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
 from mrm_scale.model.presets import SHAPE_FIELDS, parse_overrides
 from mrm_scale.ports import free_port
 
-from . import checkpoint
+from . import checkpoint, preemption, universal
 from .config import DEFAULT_SHARDS, PretrainArgs, RunConfigError, Schedule, load_ds_json, resolve_ds_config
 
 log = logging.getLogger("mrm_scale.train")
@@ -54,7 +54,7 @@ class Run:
     ds_config: dict
     loader_cfg: LoaderConfig
     record: RunRecord
-    resume_from: tuple[str, str] | None = None
+    resume_from: checkpoint.ResumePoint | None = None
 
     @property
     def is_main(self) -> bool:
@@ -92,17 +92,27 @@ def _from_rank0(fn):
     return result
 
 
-def start_distributed() -> tuple[int, int, int, str]:
-    """Initialise the process group through DeepSpeed (nccl on GPUs, gloo on CPU); (rank, world, local, device)."""
+def start_distributed(timeout_s: float = 600.0) -> tuple[int, int, int, str]:
+    """Initialise the process group through DeepSpeed (nccl on GPUs, gloo on CPU); (rank, world, local, device).
+
+    Started by a launcher (torchrun, deepspeed), by ``srun`` with one task per rank (``SLURM_PROCID`` and
+    friends; ``MASTER_ADDR``/``MASTER_PORT`` from the batch script), or by plain ``python`` (a world of one).
+    A collective that waits longer than ``timeout_s`` for a rank fails (:mod:`mrm_scale.train.preemption`)."""
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         # Started with plain `python`: a world of one, without MPI discovery.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
@@ -181,7 +191,8 @@ def model_config(args: PretrainArgs) -> MRMConfig:
 
 
 def setup_run(args: PretrainArgs) -> Run:
-    rank, world, local, device = start_distributed()
+    rank, world, local, device = start_distributed(args.train.dist_timeout)
+    preemption.note_peers()
     if rank != 0:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     data, train = args.data, args.train
@@ -196,6 +207,13 @@ def setup_run(args: PretrainArgs) -> Run:
         tokenizer = TokenizerIdentity.from_dict(manifest["tokenizer"], sf.manifest_path(data.shards))
     except ValueError as e:
         raise RunConfigError(f"--shards {data.shards}: {e}") from None
+    tok_file = tokenizer.path(data.shards)
+    if not os.path.isfile(tok_file):
+        raise RunConfigError(f"{tok_file}: the shards' tokenizer is missing ({sf.manifest_path(data.shards)} names it); "
+                             "copy it back from where `mrm-scale prep` wrote these shards, or prepare them again")
+    if tokenizer.sha256 and files.sha256_file(tok_file) != tokenizer.sha256:
+        raise RunConfigError(f"{tok_file}: sha256 differs from the one in {sf.manifest_path(data.shards)} (the file "
+                             "was replaced); put back the tokenizer these shards were made with, or prepare them again")
     if int(manifest["max_tokens"]) != model_cfg.max_tokens:
         model_cfg = model_cfg.replace(max_tokens=int(manifest["max_tokens"]))
 
@@ -210,6 +228,7 @@ def setup_run(args: PretrainArgs) -> Run:
         probe = build_loader(loader_cfg, rank, world)  # runs every data check; cheap (no pipeline started)
         steps_per_epoch = len(probe)
         probe.close()
+        _from_rank0(lambda: check_unique_keys(probe.shardset))  # counts and keys of the index files
     except LoaderError as e:
         raise RunConfigError(str(e)) from None
 
@@ -242,24 +261,35 @@ def _jsonable(v) -> bool:
         return False
 
 
-def _resume_point(run: Run) -> tuple[str, str] | None:
-    """The checkpoint to resume from (``--resume``), checked; None to start fresh."""
-    found = checkpoint.find_resume(run.ckpt_dir, run.args.train.resume)
-    if found:
-        _check_resumable(run, os.path.join(*found))
-    return found
+def _resume_point(run: Run) -> checkpoint.ResumePoint | None:
+    """The checkpoint to resume from (``--resume``), checked, and converted to DeepSpeed's universal form when
+    this run's world size or ZeRO stage differs from the one that saved it; None to start fresh."""
+    point = checkpoint.find_resume(run.ckpt_dir, run.args.train.resume)
+    if point is None:
+        return None
+    for w in point.warnings:
+        print(f"warning: {w}", flush=True)
+    _check_resumable(run, point)
+    stage, offload = run.record.zero_stage, run.record.offload
+    point.universal = universal.why_universal(point.record, run.world_size, stage, offload)
+    if point.universal:
+        why_not = universal.refusal(point.record, stage, point.path)
+        if why_not:
+            raise RunConfigError(f"cannot resume {point.path} here ({point.universal}): {why_not}")
+        had = layout.has_universal(point.path)
+        try:
+            universal.convert(point.path)
+        except universal.ConversionError as e:
+            raise RunConfigError(str(e)) from None
+        print(f"resuming {point.path} with another setup ({point.universal}): through DeepSpeed's universal "
+              f"checkpoint {layout.universal_path(point.path)} ({'reused' if had else 'converted once, kept'})",
+              flush=True)
+    return point
 
 
-def _check_resumable(run: Run, ckpt: str) -> None:
-    """Refuse, before compute, a resume from ``ckpt`` that would be silently wrong (reads its COMPLETE.json)."""
-    try:
-        info = CompleteRecord.read(ckpt)
-    except CheckpointLayoutError as e:
-        raise RunConfigError(str(e)) from None
-    if info.world_size != run.world_size:
-        raise RunConfigError(
-            f"{ckpt} was written by {info.world_size} ranks, this run has {run.world_size}: resume with "
-            f"{info.world_size} ranks (each rank's data position is stored), or start a new --name")
+def _check_resumable(run: Run, point: checkpoint.ResumePoint) -> None:
+    """Refuse, before compute, a resume from ``point`` that would be silently wrong (its COMPLETE.json)."""
+    info, ckpt = point.record, point.path
     old_model = info.model
     new_model = run.model_cfg.to_dict()
     differ = [f"{k}={old_model[k]!r} (this run: {new_model.get(k)!r})" for k in SHAPE_FIELDS
@@ -277,10 +307,16 @@ def _check_resumable(run: Run, ckpt: str) -> None:
         raise RunConfigError(
             f"{ckpt} was trained on shards with tokenizer sha256 {old_tok}, but {run.shards} uses {new_tok}: "
             "the vocabulary would not match; resume on the same shards or start a new --name")
+    if info.loader:  # the data position must carry over to this setup (re-split mid-epoch, or refused)
+        try:
+            build_loader(run.loader_cfg, 0, run.world_size, states=info.loader).close()
+        except LoaderError as e:
+            raise RunConfigError(f"{ckpt}: {e}") from None
 
 
-def build_loader_for(run: Run, state: dict | None):
-    return build_loader(run.loader_cfg, run.rank, run.world_size, state=state)
+def build_loader_for(run: Run, states: list[dict] | None):
+    """This rank's loader, continuing from the saved run's data positions (every rank's) when resuming."""
+    return build_loader(run.loader_cfg, run.rank, run.world_size, states=states or None)
 
 
 def build_engine(run: Run):
@@ -307,12 +343,21 @@ def build_engine(run: Run):
         compile_blocks(model)
     wd = run.ds_config["optimizer"]["params"]["weight_decay"]
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, wd)]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=run.ds_config)
+    config = run.ds_config
+    if run.resume_from is not None and run.resume_from.universal:  # load the universal form (this start only)
+        config = {**config, "checkpoint": {**(config.get("checkpoint") or {}), "load_universal": True}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     return engine, model
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def fail(message: str | None, code: int = 2) -> None:
+    """End the job with one line (``error: message``, when there is one) and exit ``code``."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(2)
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a lost rank: nothing left to tidy
+            pass
+    sys.stdout.flush()
+    sys.exit(code)
