@@ -17,7 +17,9 @@ import torch
 
 from mrm_scale.data.loader import LoaderConfig, build_loader
 from mrm_scale.data.prep import PrepOptions, run_prep
+from mrm_scale.formats import shards as sf
 from mrm_scale.ports import free_port
+from mrm_scale.train.checkpoint import find_resume
 from mrm_scale.train.launcher import start_pretraining, stop
 from mrm_scale.train.preemption import EXIT_PREEMPTED
 from test_train import COMMON, ENV, REPO, deepspeed_cmd, read_trace, run
@@ -259,9 +261,8 @@ def test_damaged_newest_checkpoint_falls_back_and_another_zero_stage_resumes(sha
     ckpt = tmp_path / "d" / "checkpoints"
     lost = ckpt / "step00000008" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     lost.unlink()
-    code, out = run(deepspeed_cmd("zero2.json", *flags, "--max-steps", "8", "--resume",
-                                  str(ckpt / "step00000008")), check=False)
-    assert code == 2 and f"{lost} is missing" in out and "--resume auto" in out and "Traceback" not in out
+    with pytest.raises(FileNotFoundError, match=f"{lost} is missing.*--resume auto"):  # asked for by name: refused
+        find_resume(str(ckpt), str(ckpt / "step00000008"))
     _, out = run(deepspeed_cmd("zero2.json", *flags, "--max-steps", "9", "--save-every", "100"))
     assert f"warning: checkpoint {ckpt / 'step00000008'} is damaged: {lost} is missing" in out, out[-3000:]
     assert "resumed from" in out and "at step 4" in out
@@ -287,6 +288,18 @@ def test_shard_folder_faults_are_refused_before_compute(shards, tmp_path):
     (notok / "tokenizer.json").unlink()
     code, out = single(*base, "--shards", str(notok), check=False)
     assert code == 2 and f"{notok / 'tokenizer.json'}: the shards' tokenizer is missing" in out, out[-3000:]
+    # a shard DALI cannot decode: one line naming shard and key, no traceback
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    for e in manifest["splits"]["train"]["shards"]:
+        with open(bad / e["tar"], "r+b") as f:
+            for key, members in sf.read_index(str(bad / sf.index_name(e["tar"]))):
+                off = next(o for ext, o, _ in members if ext == "jpg")
+                f.seek(off + 2)
+                f.write(b"\0" * 300)
+    code, out = single(*base, "--shards", str(bad), "--backend", "dali", "--max-steps", "2", check=False)
+    assert code == 2 and "error: " in out and "mrm-scale verify" in out and "Traceback" not in out, out[-3000:]
+    assert any(f"{e['tar']}" in out for e in manifest["splits"]["train"]["shards"])
     # a mid-epoch DALI position cannot be re-split: refused before compute, naming the way out
     run(deepspeed_cmd("zero2.json", "--shards", shards, "--out-root", str(tmp_path), "--name", "dl", "--max-steps",
                       "2", "--vis-every", "0", "--backend", "dali"))
