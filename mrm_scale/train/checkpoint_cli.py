@@ -95,10 +95,25 @@ def inspect_run(run: str, nproc: int | None = None, ds_json: str | None = None) 
                 f"{'already converted' if layout.has_universal(point.path) else 'converted once, on first resume'})")
             refusal = universal.refusal(point.record, stage, point.path) if why else None
             decision = f"takes {point.tag}: " + (f"refused: {refusal}" if refusal else how)
+            decision += _data_note(point.record, world or point.record.world_size)
             if point.warnings:
                 decision += " — after passing over: " + "; ".join(point.warnings)
     return {"checkpoints": ckpt, "resume": {"ranks": world, "zero_stage": stage, "offload": offload},
             "tags": rows, "resume_auto": decision}
+
+
+def _data_note(rec: layout.CompleteRecord, world: int) -> str:
+    """What becomes of the saved data position under ``world`` ranks (same worker count assumed)."""
+    if not rec.loader or not isinstance(rec.loader[0], dict):
+        return ""
+    st = rec.loader[0]
+    epoch, batch = st.get("epoch"), st.get("batch")
+    if not batch or world == rec.world_size:
+        return f"; data continues at epoch {epoch}, batch {batch}"
+    if st.get("backend") == "dali":
+        return (f"; but its DALI data position is mid-epoch (epoch {epoch}, batch {batch}) and cannot be re-split "
+                f"over {world} ranks: the resume is refused before compute (resume with {rec.world_size} ranks)")
+    return f"; the rest of epoch {epoch} is re-split over {world} ranks"
 
 
 def _table(report: dict) -> str:
