@@ -504,3 +504,18 @@ def test_synthetic_shards_read_by_webdataset_and_dali(tmp_path):
             assert images.at(i).shape[-1] == 1 and ids.at(i).size == 4 * m["max_tokens"]
         n += len(images)
     assert n == 64 and pipe.epoch_size("reader") == 64
+
+
+def test_full_disk_during_prep_is_one_line_with_the_path(tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CI and project machines have it)")
+    try:
+        p = subprocess.run([sys.executable, "-m", "mrm_scale.cli", "prep", "--source", "synthetic", "--num", "300",
+                            "--out", str(disk / "p"), "--no-progress"], capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"error: the disk is full writing {disk / 'p'}" in p.stderr and "free of 1.0 MB" in p.stderr
+    assert "Traceback" not in p.stderr

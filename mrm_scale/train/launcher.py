@@ -229,7 +229,8 @@ def run_pretraining(flags: Sequence[object], nproc: int = 1, *, timeout: float |
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """End a started trainer and every process under it (the launcher's ranks, their loader workers):
-    SIGTERM, then SIGKILL for what is left after ``grace`` seconds. Nothing happens when it already ended."""
+    SIGTERM, then SIGKILL for what is left after ``grace`` seconds. Nothing happens when it already ended.
+    Ranks answer SIGTERM by checkpointing at their next step boundary (exit 75) when that fits in ``grace``."""
     if proc.poll() is not None:
         return
     try:
