@@ -268,6 +268,18 @@ def test_dali_refuses_a_mid_epoch_reshard(shards):
         build_loader(cfg(shards, "wds", workers=1), rank=0, world_size=1, states=states)
 
 
+def test_resample_mode_refuses_a_mid_epoch_reshard(shards):
+    c = cfg(shards, "wds", workers=1, epoch_mode="resample", epoch_length=4)
+    loaders = [build_loader(c, rank=r, world_size=2) for r in range(2)]
+    for x in loaders:
+        next(iter(x))
+    states = [x.state_dict() for x in loaders]
+    for x in loaders:
+        x.close()
+    with pytest.raises(LoaderError, match="resample mode.*cannot be\nre-split|resample mode.*re-split"):
+        build_loader(c, rank=0, world_size=1, states=states)
+
+
 def test_duplicate_keys_across_shards_are_refused(shards, tmp_path):
     from mrm_scale.data.loader import check_unique_keys, resolve_shards
 

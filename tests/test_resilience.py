@@ -266,6 +266,7 @@ def test_damaged_newest_checkpoint_falls_back_and_another_zero_stage_resumes(sha
     _, out = run(deepspeed_cmd("zero2.json", *flags, "--max-steps", "9", "--save-every", "100"))
     assert f"warning: checkpoint {ckpt / 'step00000008'} is damaged: {lost} is missing" in out, out[-3000:]
     assert "resumed from" in out and "at step 4" in out
+    assert (ckpt / "step00000008.damaged").is_dir() and not (ckpt / "step00000008").exists()  # set aside, not lost
     # the very re-run of the issue: the same --name with zero3.json resumes instead of DeepSpeed's AssertionError
     _, out = run(deepspeed_cmd("zero3.json", *flags, "--max-steps", "10", "--save-every", "100"))
     assert "ZeRO stage 2 -> 3" in out and "at step 9" in out and "AssertionError" not in out

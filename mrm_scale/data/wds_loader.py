@@ -515,6 +515,10 @@ class WdsLoader(StreamingLoader):
                               "workers reads samples by offset, which needs local tars with their .idx index; "
                               f"resume with {len(states)} ranks and the same --workers")
         old = states[0]
+        if self.cfg.epoch_mode == "resample":
+            raise LoaderError(f"loader state was saved mid-epoch ({epoch}, batch {old['batch']}) in resample mode, "
+                              "whose epochs draw whole shards at random: what such an epoch has left cannot be "
+                              f"re-split; resume with {len(states)} ranks and the same --workers")
         if any(s.get("backend") != "wds" or not isinstance(s.get("wds"), dict) for s in states):
             super()._reshard(states, epoch)  # not a wds position: refused, naming the way out
         chain = list((old.get("reshard") or {}).get("chain") or [])

@@ -46,9 +46,11 @@ def _damage(path: str, rec: layout.CompleteRecord) -> list[str]:
     return rec.check_files(path)
 
 
-def find_resume(ckpt_dir: str, resume: str) -> ResumePoint | None:
+def find_resume(ckpt_dir: str, resume: str, set_aside: bool = False) -> ResumePoint | None:
     """The checkpoint to resume from, or None to start fresh. ``auto``: the newest complete tag whose files are
-    all there at their saved sizes; a damaged newer one is passed over with a warning naming the bad file."""
+    all there at their saved sizes; a damaged newer one is passed over with a warning naming the bad file, and
+    with ``set_aside`` (the trainer) renamed to ``<tag>.damaged`` so that it counts no longer (neither for later
+    resumes nor for pruning) and the run can save that step again."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
@@ -63,8 +65,14 @@ def find_resume(ckpt_dir: str, resume: str) -> ResumePoint | None:
             bad = _damage(path, rec)
             if bad:
                 more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                moved = ""
+                if set_aside:
+                    aside = f"{path}.damaged"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(path, aside)
+                    moved = f" (set aside as {aside})"
                 warnings.append(f"checkpoint {path} is damaged: {bad[0]}{more}; falling back to the complete "
-                                "checkpoint before it")
+                                f"checkpoint before it{moved}")
                 continue
             return ResumePoint(ckpt_dir, tag, rec, warnings=warnings)
         if warnings:
@@ -129,6 +137,10 @@ def save(engine, ckpt_dir: str, step: int, loader_state: dict, record: RunRecord
     path = os.path.join(ckpt_dir, tag)
     loaders = gather(loader_state)
     client_state = {"step": step, "loader": loaders, "rng": gather(rng_state()), "run_config": record.to_dict()}
+    if engine.global_rank == 0 and layout.is_complete(path):  # this step saved before (a resumed run): not complete
+        os.remove(os.path.join(path, layout.COMPLETE))          # again until every rank has rewritten it
+    if dist.is_initialized():
+        dist.barrier()
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=True)
     except (OSError, RuntimeError) as e:
@@ -148,7 +160,7 @@ def save(engine, ckpt_dir: str, step: int, loader_state: dict, record: RunRecord
                                   loader=loaders).write(path)
         except OSError as e:
             raise CheckpointWriteError(write_failure(path, e, ckpt_dir)) from None
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, keep_last, tag)
     if dist.is_initialized():
         dist.barrier()
     return tag
@@ -166,9 +178,13 @@ def write_failure(path: str, error: BaseException, ckpt_dir: str) -> str:
             f"larger disk; {keep}")
 
 
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    complete = layout.complete_tags(ckpt_dir)
-    keep = {t for _, t in complete[-max(1, keep_last):]}
+def _prune(ckpt_dir: str, keep_last: int, saved: str) -> None:
+    """Keep the newest ``keep_last`` complete tags up to the one just ``saved``, which always stays; tags newer than
+    it belong to a timeline this run left (``--resume`` of an older tag) and are kept as they are."""
+    step = layout.step_of(saved)
+    complete = [(s, t) for s, t in layout.complete_tags(ckpt_dir) if s <= step]
+    keep = {t for _, t in complete[-max(1, keep_last):]} | {saved}
+    keep |= {t for t in layout.tag_folders(ckpt_dir) if layout.step_of(t) > step}
     newest = max((s for s, _ in complete), default=-1)
     for name in layout.tag_folders(ckpt_dir):
         if name in keep:

@@ -162,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"mrm-scale checkpoint: error: {ref.path}: not complete (no {layout.COMPLETE}); convert a complete tag",
               file=sys.stderr)
         return 2
-    rec = layout.CompleteRecord.read(ref.path)
+    try:
+        rec = layout.CompleteRecord.read(ref.path)
+    except layout.CheckpointLayoutError as e:
+        print(f"mrm-scale checkpoint: error: {e}", file=sys.stderr)
+        return 2
     bad = rec.check_files(ref.path) or ([] if rec.zero_stage not in (None, 0) else
                                         [universal.refusal(rec, 1, ref.path)])
     if bad:

@@ -238,7 +238,7 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
                 if run.is_main:
                     print(f"checkpoint {os.path.join(run.ckpt_dir, tag)}", flush=True)
             reason = stop.agreed(run.device)  # every rank, every step: any rank's request stops all of them
-            if reason:
+            if reason and step < max_steps:  # at the last step the run is done anyway: it ends as finished
                 if not saved:
                     tag = checkpoint.save(engine, run.ckpt_dir, step, loader.state_dict(), run.record,
                                           args.keep_last)

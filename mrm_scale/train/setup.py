@@ -264,7 +264,7 @@ def _jsonable(v) -> bool:
 def _resume_point(run: Run) -> checkpoint.ResumePoint | None:
     """The checkpoint to resume from (``--resume``), checked, and converted to DeepSpeed's universal form when
     this run's world size or ZeRO stage differs from the one that saved it; None to start fresh."""
-    point = checkpoint.find_resume(run.ckpt_dir, run.args.train.resume)
+    point = checkpoint.find_resume(run.ckpt_dir, run.args.train.resume, set_aside=True)
     if point is None:
         return None
     for w in point.warnings:

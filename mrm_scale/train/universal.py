@@ -7,8 +7,8 @@ with the client state), which an engine started with ``"checkpoint": {"load_univ
 world size and stage 1–3, offload on or off. The step, the scheduler position, the RNG states and the data
 positions travel in the client state.
 
-:func:`convert` runs it once per tag: into ``<tag>/universal.tmp-<pid>``, renamed to ``<tag>/universal`` when it
-is done, so an interrupted conversion is never taken for a finished one and a finished one is reused.
+:func:`convert` runs it once per tag: into ``<tag>.universal.tmp-<pid>`` beside the tag, moved to ``<tag>/universal``
+when it is done, so an interrupted conversion is never taken for a finished one and a finished one is reused.
 :func:`why_universal` says whether a resume needs it; :func:`refusal` names the combinations it cannot do.
 """
 
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import os
 import re
 import shutil
 
 from mrm_scale.formats import checkpoints as layout
+from mrm_scale.formats import files
 
 
 class ConversionError(RuntimeError):
@@ -58,8 +60,11 @@ def convert(tag_path: str, workers: int | None = None) -> str:
         return out
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # The form is written beside the tag (DeepSpeed's reader walks the tag folder recursively: a half-written form
+    # inside it would be read as source files) and moved into the tag when done.
+    for stale in glob.glob(f"{tag_path}.universal.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = f"{tag_path}.universal.tmp-{os.getpid()}"
     n = max(1, min(4, workers or (os.cpu_count() or 1)))
     args = argparse.Namespace(input_folder=tag_path, output_folder=tmp, num_extract_workers=n, num_merge_workers=n,
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -67,16 +72,17 @@ def convert(tag_path: str, workers: int | None = None) -> str:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(args)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - DeepSpeed asserts; we name the tag and its words
+        _both_model_state_names(tmp)
+        _both_optimizer_state_forms(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - DeepSpeed asserts, a full disk: name the tag and the cause
         shutil.rmtree(tmp, ignore_errors=True)
         last = [ln for ln in log.getvalue().splitlines() if ln.strip()][-3:]
-        raise ConversionError(f"converting {tag_path} to DeepSpeed's universal form failed: {type(e).__name__}: "
-                              f"{e} {' | '.join(last)}; resume with the world size and ZeRO config that saved "
-                              "it") from None
-    _both_model_state_names(tmp)
-    _both_optimizer_state_forms(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        what = "the disk is full" if files.is_disk_full(e) else f"{type(e).__name__}: {e}"
+        raise ConversionError(f"converting {tag_path} to DeepSpeed's universal form failed: {what} "
+                              f"{' | '.join(last)} ({files.free_space(tag_path)[0]}); resume with the world size "
+                              "and ZeRO config that saved it, or free space and try again") from None
     return out
 
 
