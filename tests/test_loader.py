@@ -220,16 +220,21 @@ def test_resume_other_world_size(shards, backend):
     assert fresh.epoch == 1 and len(fresh) == 8
 
 
+def states_mid_epoch(c: LoaderConfig, batches: int = 1, world: int = 2) -> tuple[list[dict], list[str]]:
+    """Every rank's loader state after ``batches`` batches on each of ``world`` ranks, and the keys they yielded."""
+    loaders = [build_loader(c, rank=r, world_size=world) for r in range(world)]
+    its = [iter(x) for x in loaders]
+    keys = [k for _ in range(batches) for it in its for k in next(it)["key"]]
+    states = [x.state_dict() for x in loaders]
+    for x in loaders:
+        x.close()
+    return states, keys
+
+
 def test_wds_resharded_resume_shows_each_key_at_most_once(shards):
     """Interrupted mid-epoch on 2 ranks x 2 workers, resumed on 1 rank x 1 worker with another batch size, interrupted
     again and resumed on 2 ranks x 1 worker: over the epoch no key twice, and only partial-batch tails unseen."""
-    c22 = cfg(shards, "wds", workers=2)
-    old = [build_loader(c22, rank=r, world_size=2) for r in range(2)]
-    its = [iter(x) for x in old]
-    seen = [k for _ in range(2) for it in its for k in next(it)["key"]]
-    states = [x.state_dict() for x in old]
-    for x in old:
-        x.close()
+    states, seen = states_mid_epoch(cfg(shards, "wds", workers=2), batches=2)
     one = build_loader(cfg(shards, "wds", workers=1, batch_size=4), rank=0, world_size=1, states=states)
     assert len(one) == (64 - 32) // 4  # the 32 samples the epoch has left, in batches of 4
     it = iter(one)
@@ -256,12 +261,7 @@ def test_wds_resharded_resume_shows_each_key_at_most_once(shards):
 
 def test_dali_refuses_a_mid_epoch_reshard(shards):
     c = cfg(shards, "dali", workers=1)
-    loaders = [build_loader(c, rank=r, world_size=2) for r in range(2)]
-    for x in loaders:
-        next(iter(x))
-    states = [x.state_dict() for x in loaders]
-    for x in loaders:
-        x.close()
+    states, _ = states_mid_epoch(c)
     with pytest.raises(LoaderError, match="cannot re-split its position over another setup.*resume with 2 ranks"):
         build_loader(c, rank=0, world_size=1, states=states)
     with pytest.raises(LoaderError, match="cannot re-split"):  # nor hand a DALI position to the wds backend
@@ -270,12 +270,7 @@ def test_dali_refuses_a_mid_epoch_reshard(shards):
 
 def test_resample_mode_refuses_a_mid_epoch_reshard(shards):
     c = cfg(shards, "wds", workers=1, epoch_mode="resample", epoch_length=4)
-    loaders = [build_loader(c, rank=r, world_size=2) for r in range(2)]
-    for x in loaders:
-        next(iter(x))
-    states = [x.state_dict() for x in loaders]
-    for x in loaders:
-        x.close()
+    states, _ = states_mid_epoch(c)
     with pytest.raises(LoaderError, match="resample mode.*cannot be\nre-split|resample mode.*re-split"):
         build_loader(c, rank=0, world_size=1, states=states)
 

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from mrm_scale.data.loader import LoaderConfig, build_loader
-from mrm_scale.data.prep import PrepOptions, run_prep
 from mrm_scale.formats import shards as sf
 from mrm_scale.ports import free_port
 from mrm_scale.train.checkpoint import find_resume
-from mrm_scale.train.launcher import start_pretraining, stop
+from mrm_scale.train.launcher import ENTRY, pretrain_command, start_pretraining, stop
 from mrm_scale.train.preemption import EXIT_PREEMPTED
 from test_train import COMMON, ENV, REPO, deepspeed_cmd, read_trace, run
 
@@ -30,17 +29,9 @@ CFG = {n: os.path.join(REPO, "ds_configs", n) for n in ("zero1.json", "zero2.jso
 TRAIN_SAMPLES = 144  # 160 records, 10% val
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "syn"
-    run_prep(PrepOptions(source="synthetic", out=str(out), num=160, synthetic_size=160, shard_size=8,
-                         val_fraction=0.1, progress=False, workers=2))
-    return str(out)
-
-
-def single(*flags, entry="mrm_scale.train.main", check=True):
-    """One rank: plain `python -m entry` (the trainer makes a world of one)."""
-    return run([sys.executable, "-m", entry, *flags], check=check)
+def single(*flags, entry=ENTRY, check=True):
+    """One rank: the launcher's `python -m entry` (the trainer makes a world of one)."""
+    return run(pretrain_command(list(flags), 1, entry=entry), check=check)
 
 
 def keys_per_step(run_dir):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from mrm_scale.data.prep import PrepOptions, run_prep
 from mrm_scale.ports import free_port
 from mrm_scale.train.launcher import ENTRY, pretrain_command
 
@@ -27,14 +26,6 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PAR
 COMMON = ["--preset", "tiny", "--micro-batch", "4", "--log-every", "1", "--workers", "1"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "syn"
-    run_prep(PrepOptions(source="synthetic", out=str(out), num=160, synthetic_size=160, shard_size=8,
-                         val_fraction=0.1, progress=False, workers=2))
-    return str(out)
 
 
 def launcher(nproc: int = 2, *, entry: str = ENTRY) -> list[str]:

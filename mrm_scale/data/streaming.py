@@ -365,18 +365,13 @@ class StreamingLoader:
                               f" is not {STATE_VERSION}; start the epoch afresh (drop the loader state)")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if batch:  # mid-epoch: the plan must be the very same
-            mine = self._identity()
-            names = {"world_size": "world size", "rank": "rank", "batch_size": "batch size",
-                     "readers": "workers per rank", "seed": "seed", "backend": "backend",
-                     "samples": f"{self.cfg.split} samples", "split": "split", "epoch_mode": "epoch mode",
-                     "steps": "batches per epoch"}
-            for k, what in names.items():
-                if state.get(k) != mine[k]:
-                    raise LoaderError(
-                        f"loader state was saved mid-epoch ({epoch}, batch {batch}) with {what} {state.get(k)!r}, "
-                        f"this run has {what} {mine[k]!r}: resume with {what} {state.get(k)!r}, or drop the "
-                        f"loader state to restart epoch {epoch} from its beginning under the new setting "
-                        "(resharding inside an epoch would repeat or skip samples)")
+            for k in self._differences(state)[:1]:
+                what, mine = self._setup_names()[k], self._identity()[k]
+                raise LoaderError(
+                    f"loader state was saved mid-epoch ({epoch}, batch {batch}) with {what} {state.get(k)!r}, "
+                    f"this run has {what} {mine!r}: resume with {what} {state.get(k)!r}, or drop the "
+                    f"loader state to restart epoch {epoch} from its beginning under the new setting "
+                    "(resharding inside an epoch would repeat or skip samples)")
         self.epoch, self.batch = epoch, batch
         self.skipped = int(state.get("skipped", 0))
         if batch:
@@ -411,18 +406,27 @@ class StreamingLoader:
         if batch == 0:  # an epoch boundary: nothing to re-split
             self.load_state_dict({**base, "skipped": int(states[min(self.rank, len(states) - 1)].get("skipped", 0))})
             return
-        for k, what in (("seed", "seed"), ("samples", f"{self.cfg.split} samples"), ("split", "split"),
-                        ("epoch_mode", "epoch mode")):
-            if base.get(k) != self._identity()[k]:
-                raise LoaderError(
-                    f"loader state was saved mid-epoch ({epoch}, batch {batch}) with {what} {base.get(k)!r}, this "
-                    f"run has {what} {self._identity()[k]!r}: the remaining samples of the epoch cannot be "
-                    f"worked out; resume with {what} {base.get(k)!r}")
+        for k in self._differences(base, ("seed", "samples", "split", "epoch_mode"))[:1]:
+            what = self._setup_names()[k]
+            raise LoaderError(
+                f"loader state was saved mid-epoch ({epoch}, batch {batch}) with {what} {base.get(k)!r}, this "
+                f"run has {what} {self._identity()[k]!r}: the remaining samples of the epoch cannot be "
+                f"worked out; resume with {what} {base.get(k)!r}")
         self._reshard(states, epoch)
 
-    def _same_setup(self, state: dict) -> bool:
+    def _setup_names(self) -> dict[str, str]:
+        """The fields of :meth:`_identity` that fix an epoch's plan, in the order differences are reported."""
+        return {"world_size": "world size", "rank": "rank", "batch_size": "batch size", "readers": "workers per rank",
+                "seed": "seed", "backend": "backend", "samples": f"{self.cfg.split} samples", "split": "split",
+                "epoch_mode": "epoch mode", "steps": "batches per epoch"}
+
+    def _differences(self, state: dict, keys=None) -> list[str]:
+        """The plan fields (all, or ``keys``) on which a saved state and this loader differ."""
         mine = self._identity()
-        return all(state.get(k) == v for k, v in mine.items())
+        return [k for k in (keys or self._setup_names()) if state.get(k) != mine[k]]
+
+    def _same_setup(self, state: dict) -> bool:
+        return not self._differences(state)
 
     def _reshard(self, states: list[dict], epoch: int) -> None:
         """Re-split a mid-epoch position saved under another setup; only ``wds`` can (its override)."""

@@ -485,7 +485,7 @@ class WdsLoader(StreamingLoader):
 
     def _same_setup(self, state: dict) -> bool:
         if (state.get("reshard") or {}).get("chain"):  # its batches per epoch follow from the chain
-            return all(state.get(k) == v for k, v in self._identity().items() if k != "steps")
+            return not self._differences(state, [k for k in self._setup_names() if k != "steps"])
         return super()._same_setup(state)
 
     def _buffer(self) -> int:

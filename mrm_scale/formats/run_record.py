@@ -34,6 +34,19 @@ class RunRecordError(ValueError):
     pass
 
 
+def zero_stage_of(ds_config: dict) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (None: no ``zero_optimization.stage``)."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage")
+    return None if stage is None else int(stage)
+
+
+def offload_of(ds_config: dict) -> bool:
+    """ZeRO offloads the optimizer or the parameters (to the CPU or NVMe) under this DeepSpeed config."""
+    zero = ds_config.get("zero_optimization") or {}
+    return any(str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")
+               for k in ("offload_optimizer", "offload_param"))
+
+
 def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINTS_DIR)
 
@@ -98,15 +111,11 @@ class RunRecord:
 
     @property
     def zero_stage(self) -> int | None:
-        stage = (self.ds_config.get("zero_optimization") or {}).get("stage")
-        return None if stage is None else int(stage)
+        return zero_stage_of(self.ds_config)
 
     @property
     def offload(self) -> bool:
-        """ZeRO offloads the optimizer or the parameters (to the CPU or NVMe)."""
-        zero = self.ds_config.get("zero_optimization") or {}
-        return any(str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")
-                   for k in ("offload_optimizer", "offload_param"))
+        return offload_of(self.ds_config)
 
     @property
     def bf16(self) -> bool | None:

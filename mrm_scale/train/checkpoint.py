@@ -42,10 +42,6 @@ class ResumePoint:
         return os.path.join(self.root, self.tag)
 
 
-def _damage(path: str, rec: layout.CompleteRecord) -> list[str]:
-    return rec.check_files(path)
-
-
 def find_resume(ckpt_dir: str, resume: str, set_aside: bool = False) -> ResumePoint | None:
     """The checkpoint to resume from, or None to start fresh. ``auto``: the newest complete tag whose files are
     all there at their saved sizes; a damaged newer one is passed over with a warning naming the bad file, and
@@ -62,7 +58,7 @@ def find_resume(ckpt_dir: str, resume: str, set_aside: bool = False) -> ResumePo
             except layout.CheckpointLayoutError as e:
                 warnings.append(f"{e}; falling back to the complete checkpoint before it")
                 continue
-            bad = _damage(path, rec)
+            bad = rec.check_files(path)
             if bad:
                 more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
                 moved = ""
@@ -90,7 +86,7 @@ def find_resume(ckpt_dir: str, resume: str, set_aside: bool = False) -> ResumePo
         rec = layout.CompleteRecord.read(ref.path)
     except layout.CheckpointLayoutError as e:
         raise FileNotFoundError(f"--resume {resume}: {e}") from None
-    bad = _damage(ref.path, rec)
+    bad = rec.check_files(ref.path)
     if bad:
         raise FileNotFoundError(f"--resume {resume}: checkpoint {ref.path} is damaged: {'; '.join(bad)}; resume "
                                 "from an older tag, or with --resume auto (it takes the newest intact one)")

@@ -17,7 +17,7 @@ import sys
 
 from mrm_scale.formats import checkpoints as layout
 from mrm_scale.formats import files
-from mrm_scale.formats.run_record import RunRecord, RunRecordError, checkpoints_dir
+from mrm_scale.formats.run_record import RunRecord, RunRecordError, checkpoints_dir, offload_of, zero_stage_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,8 +46,7 @@ def _stage_and_offload(ds_json: str | None, record: RunRecord | None) -> tuple[i
     if ds_json:
         with open(ds_json) as f:
             cfg = json.load(f)
-        probe = RunRecord(args={}, derived={}, model={}, ds_config=cfg, world_size=1, tokenizer=None, shards="")
-        return probe.zero_stage, probe.offload
+        return zero_stage_of(cfg), offload_of(cfg)
     if record is not None:
         return record.zero_stage, record.offload
     return None, False
