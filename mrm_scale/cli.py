@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("mrm_scale.train.checkpoint_cli",
                    "inspect a run's checkpoints; convert one for another world size or ZeRO stage"),
     "export": ("mrm_scale.eval.export", "export a checkpoint: timm image encoder, transformers report model, model card"),
+    "eval": ("mrm_scale.eval.tables",
+             "fine-tuning results -> the paper's table (eval table); the paper's recipes and their cost (eval recipes)"),
     "experiment": ("mrm_scale.experiments.label_efficiency",
                    "experiments: label-efficiency (MRM vs image-only MAE vs random init)"),
 }

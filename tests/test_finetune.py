@@ -81,9 +81,11 @@ def test_finetune_mode_with_a_given_train_subset(shards, tmp_path, capsys):
          "--layer-decay", "0.65", "--drop-path", "0.1", "--out", tmp_path / "ft"])
     res = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert (tmp_path / "ft" / "train_subset.txt").read_text().split() == sorted(train.keys[:24])
-    assert res["train_subset"]["samples"] == 24 and res["hyper"]["layer_decay"] == 0.65
-    assert [h["epoch"] for h in res["history"]] == [1, 2] and res["history"][-1]["step"] == 6
-    assert res["best_epoch"] in (1, 2) and res["test"]["mean_auc"] is not None
+    assert res["train_subset"]["samples"] == 24 and res["recipe"]["layer_decay"] == 0.65
+    assert res["recipe"]["name"] == "default" and res["recipe"]["overrides"] == {"layer_decay": 0.65, "epochs": 2,
+                                                                                 "batch_size": 8}
+    assert [h["epoch"] for h in res["history"]] == [1, 2] and [h["step"] for h in res["history"]] == [3, 6]
+    assert res["best_step"] in (3, 6) and res["test"]["mean_auc"] is not None
     assert (tmp_path / "ft" / "best_model.safetensors").is_file()
     from mrm_scale.eval.finetune import main
 
@@ -112,7 +114,9 @@ def test_finetune_under_accelerate_launch_and_two_processes(shards, tmp_path):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (one["hyper"]["processes"], two["hyper"]["processes"]) == (1, 2)
-    assert (one["history"][-1]["step"], two["history"][-1]["step"]) == (4, 2)  # 32 samples, batch 8 per process
+    # 32 samples, a global batch of 8: 8 per step on one process, 4 on each of two; the same 4 steps
+    assert (one["history"][-1]["step"], two["history"][-1]["step"]) == (4, 4)
+    assert (one["hyper"]["per_process_batch"], two["hyper"]["per_process_batch"]) == (8, 4)
     for res in (one, two):
         assert res["train_subset"]["samples"] == 32 and res["test"]["mean_auc"] is not None
         assert res["data"]["test"]["samples"] == one["data"]["test"]["samples"]

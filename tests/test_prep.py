@@ -18,6 +18,8 @@ from mrm_scale.data.prep import PrepError, PrepOptions, run_prep
 from mrm_scale.data.tokenizer import decode_ids, load_tokenizer
 from mrm_scale.data.verify import verify_dir
 
+from image_fixtures import write_dicom
+
 REPORT = "FINDINGS: The heart size is normal. No pleural effusion or pneumothorax. IMPRESSION: No acute process."
 
 
@@ -342,29 +344,10 @@ def test_mimic_layout_split_views_reports(tmp_path):
     assert meta0["view"] == "PA"
 
 
-def _write_dicom(path, arr, photometric):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    fm = FileMetaDataset()
-    fm.TransferSyntaxUID = ExplicitVRLittleEndian
-    fm.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    fm.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(path), {}, file_meta=fm, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.ViewPosition = "AP"
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
     arr = (_chest(128, 160, 3).astype(np.uint16) * 16)  # 12-bit, MONOCHROME2 orientation: lungs dark
-    _write_dicom(tmp_path / "m2.dcm", arr, "MONOCHROME2")
-    _write_dicom(tmp_path / "m1.dcm", 4095 - arr, "MONOCHROME1")
+    write_dicom(tmp_path / "m2.dcm", arr, "MONOCHROME2")
+    write_dicom(tmp_path / "m1.dcm", 4095 - arr, "MONOCHROME1")
     (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 10)
     write_csv(tmp_path / "c.csv", [["m2.dcm", REPORT], ["m1.dcm", REPORT], ["bad.dcm", REPORT]])
     res = run_prep(opts(input=str(tmp_path / "c.csv"), out=str(tmp_path / "out"), val_fraction=0.0))

@@ -83,36 +83,45 @@ DRAFT_GAP = 2.0  # decode a JPEG at 1/2, 1/4, 1/8 scale only while the crop stay
 
 def decode_image(data: bytes, key: str, size: int, augment: bool, seed: int, epoch: int,
                  scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
-    """JPEG bytes -> uint8 (size, size) gray crop (train: random crop + flip; else centre crop).
-
-    Crop, then bicubic resize with antialiasing on the uint8 crop (torch's PIL-compatible kernel: the
-    crop-then-resize of torchvision's RandomResizedCrop, faster than PIL's resize). A JPEG much larger than
-    the crop is decoded at a reduced DCT scale (PIL ``draft``) while the crop keeps at least ``DRAFT_GAP``
-    times the output size, as PIL's own ``reducing_gap`` does. Normalising to float happens once per
-    batch in the main process (:func:`normalise_gray`). 16-bit and float images (PNG/TIFF exports of DICOMs) are windowed to
-    8 bits first (:func:`to_grayscale`), as prep does.
-    """
+    """JPEG (or PNG) bytes -> uint8 (size, size) gray crop (train: random crop + flip; else centre crop); the
+    rule is :func:`crop_resize`."""
     with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        if augment:
-            rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
-            x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
-            flip = rng.random() < 0.5
-        else:  # resize the shorter side to `size`, centre crop
-            w = h = min(width, height)
-            x, y, flip = (width - w) // 2, (height - h) // 2, False
-        red = 1
-        while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
-            red *= 2
-        if red > 1 and im.format == "JPEG":
-            im.draft("L", ((width + red - 1) // red, (height + red - 1) // red))
-            red = width / im.size[0]  # the scale the decoder chose
-            x, y, w, h = (int(x / red), int(y / red), max(1, int(round(w / red))), max(1, int(round(h / red))))
-            x, y = min(x, im.size[0] - w), min(y, im.size[1] - h)
-        im.load()
-        gray = to_grayscale(im)
-        # crop in PIL first: converting a freshly decoded image to numpy is slow, a cropped copy is not
-        out = np.array(gray.crop((x, y, x + w, y + h)))
+        return crop_resize(im, key, size, augment, seed, epoch, scale, ratio)
+
+
+def crop_resize(im: Image.Image, key: str, size: int, augment: bool, seed: int, epoch: int,
+                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+    """An opened (possibly not yet decoded) image -> uint8 (size, size) gray crop.
+
+    Train (``augment``): RandomResizedCrop with ``scale``/``ratio`` + horizontal flip, drawn from (seed, epoch,
+    key); else the centre square of the shorter side. Crop, then bicubic resize with antialiasing on the uint8
+    crop (torch's PIL-compatible kernel: the crop-then-resize of torchvision's RandomResizedCrop, faster than
+    PIL's resize). A JPEG much larger than the crop is decoded at a reduced DCT scale (PIL ``draft``) while the
+    crop keeps at least ``DRAFT_GAP`` times the output size, as PIL's own ``reducing_gap`` does. Normalising to
+    float happens once per batch in the main process (:func:`normalise_gray`). 16-bit and float images (PNG/TIFF
+    exports of DICOMs) are windowed to 8 bits first (:func:`to_grayscale`), as prep does; a DICOM is read by
+    :func:`mrm_scale.data.images.read_dicom` and passed in already windowed.
+    """
+    width, height = im.size
+    if augment:
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
+        x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
+        flip = rng.random() < 0.5
+    else:  # resize the shorter side to `size`, centre crop
+        w = h = min(width, height)
+        x, y, flip = (width - w) // 2, (height - h) // 2, False
+    red = 1
+    while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
+        red *= 2
+    if red > 1 and im.format == "JPEG":
+        im.draft("L", ((width + red - 1) // red, (height + red - 1) // red))
+        red = width / im.size[0]  # the scale the decoder chose
+        x, y, w, h = (int(x / red), int(y / red), max(1, int(round(w / red))), max(1, int(round(h / red))))
+        x, y = min(x, im.size[0] - w), min(y, im.size[1] - h)
+    im.load()
+    gray = to_grayscale(im)
+    # crop in PIL first: converting a freshly decoded image to numpy is slow, a cropped copy is not
+    out = np.array(gray.crop((x, y, x + w, y + h)))
     if (h, w) != (size, size):
         import torch
         import torch.nn.functional as F

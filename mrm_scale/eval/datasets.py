@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from mrm_scale.formats import shards as sf
 from mrm_scale.data.streaming import labels_value
-from mrm_scale.data.transforms import decode_image, normalise_gray
+from mrm_scale.data.transforms import CROP_SCALE, crop_resize, decode_image, normalise_gray
 
 log = logging.getLogger("mrm_scale.eval.datasets")
 
@@ -175,27 +175,55 @@ def parse_split_file(path: str) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(rows, dtype=np.float32)
 
 
-def split_file_set(path: str, image_root: str, classes: list[str] | None = None) -> LabelledSet:
-    """One split file; images that are missing or do not open are skipped and listed in ``skipped``."""
+def _header_problem(full: str) -> str | None:
+    """Why an image file cannot be used (read cheaply: the header only), or None. DICOM through pydicom (the
+    reader prep uses), everything else through PIL."""
     from PIL import Image, UnidentifiedImageError
 
+    from mrm_scale.data.images import DICOM_SUFFIXES
+
+    if full.lower().endswith(DICOM_SUFFIXES):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(full, stop_before_pixels=True)
+        except Exception as e:  # pydicom raises several types for damaged files
+            return f"unreadable DICOM: {e}"
+        if "Rows" not in ds or "Columns" not in ds:
+            return "unreadable DICOM: no image (Rows/Columns) in the header"
+        return None
+    try:
+        with Image.open(full) as im:  # header only: cheap
+            im.size  # noqa: B018
+    except (UnidentifiedImageError, OSError) as e:
+        return f"unreadable: {e}"
+    return None
+
+
+def split_file_set(path: str, image_root: str, classes: list[str] | None = None, resolve=None) -> LabelledSet:
+    """One split file; images that are missing or do not open are skipped and listed in ``skipped``.
+
+    ``resolve(relative_path) -> file or None`` finds a listed image (default: ``image_root/relative_path``);
+    the dataset adapters (:mod:`.adapters`) pass one that knows their official layouts."""
     rel, labels = parse_split_file(path)
     k = labels.shape[1]
     if classes is None:
         classes = ["label"] if k == 1 else [f"class{j}" for j in range(k)]
     if len(classes) != k:
         raise DataSetError(f"{path}: {k} labels per line but {len(classes)} class names given ({classes})")
+    if resolve is None:
+        def resolve(r):
+            full = os.path.join(image_root, r)
+            return full if os.path.isfile(full) else None
     keep, locations, skipped = [], [], []
     for i, r in enumerate(rel):
-        full = os.path.join(image_root, r)
-        if not os.path.isfile(full):
+        full = resolve(r)
+        if full is None:
             skipped.append((r, "missing"))
             continue
-        try:
-            with Image.open(full) as im:  # header only: cheap
-                im.size  # noqa: B018
-        except (UnidentifiedImageError, OSError) as e:
-            skipped.append((r, f"unreadable: {e}"))
+        problem = _header_problem(full)
+        if problem:
+            skipped.append((r, problem))
             continue
         keep.append(i)
         locations.append(full)
@@ -204,27 +232,50 @@ def split_file_set(path: str, image_root: str, classes: list[str] | None = None)
                     len(rel), sum(1 for _, w in skipped if w == "missing"), image_root,
                     ", ".join(f"{p} ({w})" for p, w in skipped[:3]))
     if not keep:
-        raise DataSetError(f"{path}: none of the {len(rel)} listed images is readable under --image-root "
-                           f"{image_root} (first: {os.path.join(image_root, rel[0])})")
+        raise DataSetError(f"{path}: none of the {len(rel)} listed images is readable under {image_root} "
+                           f"(first: {rel[0]}); check --data-root / --image-root")
     return LabelledSet(path, [rel[i] for i in keep], _clean_labels(labels[keep]), list(classes), locations, skipped)
+
+
+def write_skipped(path: str, sets: dict[str, LabelledSet]) -> int:
+    """Every skipped image of every split, ``split<TAB>listed path<TAB>reason`` per line; returns the count."""
+    rows = [f"{name}\t{p}\t{why}\n" for name, s in sets.items() for p, why in s.skipped]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("split\tpath\treason\n" + "".join(rows))
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------------------------
 def load_image(data: bytes, key: str, size: int, channels: int, augment: bool, seed: int = 0,
-               epoch: int = 0) -> np.ndarray:
+               epoch: int = 0, scale: tuple[float, float] = CROP_SCALE) -> np.ndarray:
     """Image bytes -> normalised float32 (channels, size, size) through the loader's image pipeline
     (:mod:`mrm_scale.data.transforms`: 16-bit/float images windowed to 8 bits, crop/resize, normalisation)."""
-    arr = decode_image(data, key, size, augment, seed, epoch)  # uint8 (S, S)
+    arr = decode_image(data, key, size, augment, seed, epoch, scale=scale)  # uint8 (S, S)
+    return normalise_gray(arr[None, None], channels)[0].contiguous().numpy()
+
+
+def load_dicom(path: str, key: str, size: int, channels: int, augment: bool, seed: int = 0, epoch: int = 0,
+               scale: tuple[float, float] = CROP_SCALE) -> np.ndarray:
+    """A DICOM file -> normalised float32 (channels, size, size): read and windowed to 8 bits by prep's reader
+    (:func:`mrm_scale.data.images.read_dicom`: modality LUT, VOI LUT, MONOCHROME1 inverted), then the same
+    crop/resize and normalisation as every other image."""
+    from mrm_scale.data.images import read_dicom
+
+    img, _ = read_dicom(path)
+    arr = crop_resize(img, key, size, augment, seed, epoch, scale=scale)
     return normalise_gray(arr[None, None], channels)[0].contiguous().numpy()
 
 
 class ImageDataset(Dataset):
-    """Torch dataset over a :class:`LabelledSet`: ``(image (C, S, S), labels (K,), index)``."""
+    """Torch dataset over a :class:`LabelledSet`: ``(image (C, S, S), labels (K,), index)``. ``crop_scale``: the
+    area range of the training RandomResizedCrop."""
 
-    def __init__(self, data: LabelledSet, size: int, channels: int, augment: bool = False, seed: int = 0):
+    def __init__(self, data: LabelledSet, size: int, channels: int, augment: bool = False, seed: int = 0,
+                 crop_scale: tuple[float, float] = CROP_SCALE):
         self.data, self.size, self.channels, self.augment, self.seed = data, size, channels, augment, seed
+        self.crop_scale = tuple(crop_scale)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -234,10 +285,15 @@ class ImageDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        key = self.data.keys[i]
+        from mrm_scale.data.images import DICOM_SUFFIXES
+
+        key, loc = self.data.keys[i], self.data.locations[i]
+        args = (key, self.size, self.channels, self.augment, self.seed, self.epoch, self.crop_scale)
         try:
-            img = load_image(self.data.read_bytes(i), key, self.size, self.channels, self.augment, self.seed,
-                             self.epoch)
+            if isinstance(loc, str) and loc.lower().endswith(DICOM_SUFFIXES):
+                img = load_dicom(loc, *args)
+            else:
+                img = load_image(self.data.read_bytes(i), *args)
         except Exception as e:
             raise DataSetError(f"{self.data.name}: image {key!r} does not decode: {type(e).__name__}: {e}") from e
         return torch.from_numpy(img), torch.from_numpy(self.data.labels[i]), i

@@ -225,9 +225,45 @@ def load_full_model(path: str) -> MRM:
     return build_loaded_model(cfg, tok, load_file(os.path.join(path, exports.FULL_FILE)), path)
 
 
-def load_encoder_weights(path: str) -> tuple[MRMConfig, dict[str, torch.Tensor], dict]:
-    """(config, encoder state dict with timm keys, info) from an export folder, a run folder or a checkpoint."""
+def load_encoder_file(path: str, preset: str | None = None) -> tuple[MRMConfig, dict[str, torch.Tensor], dict]:
+    """(config, encoder state dict with timm keys, info) from one weights file: a timm or MAE ViT, or a
+    checkpoint in the original MRM layout (``.pth``/``.pt``/``.bin``/``.safetensors``; read with
+    ``weights_only=True``). The shapes give width, depth, patch size and channels; the number of heads, which
+    shapes do not show, comes from ``preset`` or from the one preset with that width and depth."""
+    from mrm_scale.model import get_preset
+    from mrm_scale.model.presets import PRESETS
+    from mrm_scale.model.weights import WeightLoadError, read_encoder
+
+    try:
+        sd, geo = read_encoder(path)
+    except WeightLoadError as e:
+        raise ExportError(str(e)) from None
+    if preset:
+        base = get_preset(preset)
+        if (base.embed_dim, base.depth) != (geo["embed_dim"], geo["depth"]):
+            raise ExportError(f"{path}: a ViT of width {geo['embed_dim']} and depth {geo['depth']}, but --preset "
+                              f"{preset} is {base.embed_dim} x {base.depth}; give a preset of that size")
+    else:
+        fits = [c for c in PRESETS.values() if (c.embed_dim, c.depth) == (geo["embed_dim"], geo["depth"])]
+        if not fits:
+            raise ExportError(f"{path}: a ViT of width {geo['embed_dim']} and depth {geo['depth']}, which no preset "
+                              f"has ({', '.join(f'{n} {c.embed_dim}x{c.depth}' for n, c in PRESETS.items())}); "
+                              "its number of heads is unknown")
+        base = fits[0]
+    side = (geo["grid"] or base.grid_size) * geo["patch_size"]
+    cfg = base.replace(patch_size=geo["patch_size"], in_chans=geo["in_chans"], mlp_ratio=geo["mlp_ratio"],
+                       qkv_bias=geo["qkv_bias"], img_size=side, sr_scale=1, report_weight=0.0)
+    info = {"file": os.path.abspath(path), "layout": geo["layout"], "preset": base.name,
+            "geometry": {k: geo[k] for k in ("embed_dim", "depth", "patch_size", "in_chans", "grid")}}
+    return cfg, sd, info
+
+
+def load_encoder_weights(path: str, preset: str | None = None) -> tuple[MRMConfig, dict[str, torch.Tensor], dict]:
+    """(config, encoder state dict with timm keys, info) from an export folder, a run folder, a checkpoint
+    folder or one weights file (:func:`load_encoder_file`)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        return load_encoder_file(path, preset)
     if exports.is_export(path):
         from safetensors.torch import load_file
 

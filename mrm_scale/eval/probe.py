@@ -22,26 +22,47 @@ import torch.nn.functional as F
 from mrm_scale.model import ImageEncoder, MRMConfig, build_model, downsample
 
 
-class Classifier(nn.Module):
-    """Encoder + standardisation + linear head. ``forward(images)`` takes the high-resolution image (B, C, H, H)
-    (or an image already at the encoder's input size) and returns logits (B, K)."""
+HEADS = ("standardised", "fc_norm")
 
-    def __init__(self, cfg: MRMConfig, num_classes: int):
+
+class Classifier(nn.Module):
+    """Encoder + pooled feature + linear head. ``forward(images)`` takes the high-resolution image (B, C, H, H)
+    (or an image already at the encoder's input size) and returns logits (B, K).
+
+    ``head="standardised"``: mean of the patch tokens after the encoder's final norm, standardised with fixed
+    training-feature statistics (:meth:`set_standardisation`), head normal(``head_init_std``).
+    ``head="fc_norm"`` (the paper's fine-tuning): mean of the patch tokens of the last block (the encoder's final
+    norm is not used), a fresh LayerNorm, head truncated-normal(``head_init_std``), bias 0.
+    """
+
+    def __init__(self, cfg: MRMConfig, num_classes: int, head: str = "standardised", head_init_std: float = 0.01):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head {head!r}: one of {HEADS}")
         self.cfg = cfg
+        self.head_kind = head
         # the encoder of an image-only MRM model: MAE-style init (sin-cos positions), replaced by loaded weights
         self.encoder: ImageEncoder = build_model(cfg.replace(report_weight=0.0)).encoder
-        self.register_buffer("feat_mean", torch.zeros(cfg.embed_dim))
-        self.register_buffer("feat_std", torch.ones(cfg.embed_dim))
+        if head == "fc_norm":
+            self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        else:
+            self.register_buffer("feat_mean", torch.zeros(cfg.embed_dim))
+            self.register_buffer("feat_std", torch.ones(cfg.embed_dim))
         self.head = nn.Linear(cfg.embed_dim, num_classes)
-        nn.init.normal_(self.head.weight, std=0.01)
+        if head == "fc_norm":
+            nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        else:
+            nn.init.normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled vector before the head's own normalisation (what the linear probe caches)."""
         x = downsample(images, self.cfg.input_size)
-        return self.encoder(x)[:, 1:].mean(dim=1)
+        return self.encoder(x, final_norm=self.head_kind != "fc_norm")[:, 1:].mean(dim=1)
 
     def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.head_kind == "fc_norm":
+            return self.head(self.fc_norm(feats))
         return self.head((feats - self.feat_mean) / self.feat_std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -56,11 +77,12 @@ class Classifier(nn.Module):
         self.feat_std.copy_(std.clamp_min(1e-4 * float(std.max().clamp_min(1e-6))).clamp_min(1e-6))
 
 
-def init_encoder_weights(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load timm-keyed encoder weights (position table resampled when the image size differs)."""
+def init_encoder_weights(encoder: ImageEncoder, state_dict: dict[str, torch.Tensor]):
+    """Load timm-keyed encoder weights (position table resampled when the image size differs); every encoder key
+    must be there. Returns the :class:`~mrm_scale.model.weights.LoadReport` (also logged)."""
     from mrm_scale.model.weights import load_image_encoder
 
-    load_image_encoder(encoder, state_dict, strict=True)  # logs what it loaded / adapted
+    return load_image_encoder(encoder, state_dict, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,9 +132,9 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with lr scaled by ``layer_decay ** (depth + 1 - layer_id)`` (BEiT/MAE fine-tuning); no weight
-    decay on 1-D tensors, class token and position table."""
+def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """Optimizer groups with lr scaled by ``layer_decay ** (depth + 1 - layer_id)`` (BEiT/MAE fine-tuning; ``None``:
+    one lr for all); no weight decay on 1-D tensors, class token and position table."""
     depth = len(model.encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -121,7 +143,8 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_
         lid = layer_id(name, depth)
         no_wd = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
         g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                              "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid})
+                                              "lr_scale": 1.0 if layer_decay is None else layer_decay ** (depth + 1 - lid),
+                                              "layer": lid})
         g["params"].append(p)
     out = list(groups.values())
     for g in out:
@@ -129,12 +152,14 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_
     return out
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier: linear warmup over ``warmup`` steps, then half-cosine to 0 at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def schedule_factor(step: int, total: int, warmup: int) -> float:
+    """The lr multiplier of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, then half-cosine
+    to 0 at ``total`` - the value the original's warmup-cosine scheduler gives its (step + 1)-th update."""
+    s = step + 1
+    if warmup and s < warmup:
+        return s / warmup
+    progress = (s - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +201,7 @@ def _fit_linear_probe(train_x, train_y, val_x, val_y, classes, *, epochs, lr, we
     best_state, best_epoch, history = None, 0, []
     for epoch in range(1, epochs + 1):
         for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(epoch - 1, epochs, max(1, epochs // 20))
+            group["lr"] = lr * schedule_factor(epoch - 1, epochs, max(1, epochs // 20))
         loss = masked_bce(head(xt), train_y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,6 +35,12 @@ def _block_flops(tokens: int, dim: int, mlp_hidden: int) -> int:
     return 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * d * mlp_hidden + 2 * 2 * t * t * d
 
 
+def encoder_forward_flops(cfg: MRMConfig) -> int:
+    """Forward FLOPs of the encoder on every patch of one image (fine-tuning and scoring; head left out)."""
+    n, d = cfg.num_patches, cfg.embed_dim
+    return 2 * n * (cfg.patch_size**2 * cfg.in_chans) * d + cfg.depth * _block_flops(n + 1, d, int(cfg.mlp_ratio * d))
+
+
 def formula_training_flops(
     cfg_or_model,
     *,

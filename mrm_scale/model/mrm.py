@@ -98,9 +98,10 @@ class ImageEncoder(nn.Module):
         self.grad_checkpointing = cfg.grad_checkpointing
         self.math_attention_max_tokens = cfg.cpu_math_attention_max_tokens
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
         """``x`` (B, C, input, input) -> (B, 1 + K, D): class token, then the kept patches (all when
-        ``ids_keep`` is None), after the final norm."""
+        ``ids_keep`` is None), after the final norm (``final_norm=False``: the last block's output, which the
+        paper's fine-tuning head pools)."""
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
         x = x + self.pos_embed[:, 1:].to(x.dtype)
         if ids_keep is not None:
@@ -109,7 +110,7 @@ class ImageEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = _run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled(),
                         self.math_attention_max_tokens)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
 
 class PixelDecoder(nn.Module):

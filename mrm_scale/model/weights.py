@@ -4,18 +4,28 @@
   ``torch.load(weights_only=True)``, ``{"model": ...}``-style wrappers unwrapped, or ``.safetensors``). Position
   embeddings are resampled when the grid differs, the patch projection is adapted between 3 and 1 input channels
   (and resampled when the patch size differs).
-- :func:`load_report_head`: the BERT masked-LM from a transformers directory (``save_pretrained``) or a single
-  weights file; ``bert.*``/``cls.*`` keys, bare ``BertModel`` keys, and old ``gamma``/``beta`` names are accepted.
+- :func:`load_report_head`: the BERT masked-LM (and the image projection) from a transformers directory
+  (``save_pretrained``), a single weights file or a checkpoint in the original MRM layout
+  (``bert_encoder.model.*``, ``bert_mlp.*``); ``bert.*``/``cls.*`` keys, bare ``BertModel`` keys, and old
+  ``gamma``/``beta`` names are accepted.
+- :func:`load_pixel_decoder`: the MAE-style pixel decoder from the original MRM/MAE layout or ours.
+- :func:`read_encoder`: a file's encoder tensors (timm keys) and the geometry they imply, for building a model
+  around weights whose config is not stored with them.
 
-Both return a :class:`LoadReport` naming loaded, missing, unexpected and adapted keys (and log them); both fail with
-an exception naming the file when nothing matches or a tensor cannot fit.
+Torch files are read with ``weights_only=True``; the only class allowed beyond tensors and containers is
+``argparse.Namespace`` (``SAFE_GLOBALS``: the ``args`` the original MRM and MAE scripts save beside the model).
+The loaders return a :class:`LoadReport` naming loaded, missing, unexpected and adapted keys (and log them); they
+fail with an exception naming the file when nothing matches or a tensor cannot fit.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +36,9 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state", "model_state_dict")
+# the only non-container objects a weights file may hold: the original MRM and MAE code save their
+# argparse.Namespace under "args"
+SAFE_GLOBALS = (argparse.Namespace,)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -50,7 +63,22 @@ class LoadReport:
                         ", ".join(self.missing))
         if self.unexpected:
             log.warning("%s: %d keys in %s not used: %s", what, len(self.unexpected), self.source,
-                        ", ".join(self.unexpected))
+                        ", ".join(summarise_keys(self.unexpected)))
+
+    def to_dict(self) -> dict:
+        return {"loaded": len(self.loaded), "missing": list(self.missing),
+                "unexpected": summarise_keys(self.unexpected), "adapted": dict(self.adapted)}
+
+
+def summarise_keys(keys: list[str], limit: int = 12) -> list[str]:
+    """The key names, or past ``limit`` their leading components with counts (``decoder_blocks.* (64)``)."""
+    if len(keys) <= limit:
+        return list(keys)
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = k.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    return [f"{h}.* ({n})" if n > 1 else next(k for k in keys if k.split(".")[0] == h) for h, n in groups.items()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +96,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        bad = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a {bad.group(1)} object" if bad else "an object torch's safe loader does not accept"
+        raise WeightLoadError(
+            f"cannot read weights file {str(path)!r}: it holds {what}, and weights are never unpickled beyond "
+            f"tensors, containers and {', '.join(g.__module__ + '.' + g.__qualname__ for g in SAFE_GLOBALS)}; "
+            "save its state dict alone (torch.save(ckpt['model'], 'weights.pth')) or as .safetensors") from None
     except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
         raise WeightLoadError(f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     for _ in range(3):
@@ -177,6 +213,46 @@ def _apply(module: nn.Module, new: dict, sd: dict, report: LoadReport, problems:
     return report
 
 
+_ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def read_encoder(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the encoder's tensors under timm keys, their geometry: ``embed_dim``, ``depth``, ``patch_size``,
+    ``in_chans``, ``grid``, ``mlp_ratio``, ``qkv_bias``) of a timm / MAE / original-MRM state dict or file."""
+    sd, where = _resolve(source)
+    sd = _strip(sd)
+    prefix = next((p for p in _ENCODER_PREFIXES if f"{p}patch_embed.proj.weight" in sd), None)
+    if prefix is None:
+        sample = ", ".join(list(sd)[:5]) or "(no tensors)"
+        raise WeightLoadError(f"{where}: no ViT encoder in it (no 'patch_embed.proj.weight' under any of the "
+                              f"prefixes {list(_ENCODER_PREFIXES)}; the file has e.g. {sample})")
+    enc = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
+           and k[len(prefix):].startswith(_ENCODER_TOP)}
+    proj = enc["patch_embed.proj.weight"]
+    blocks = sorted({int(k.split(".")[1]) for k in enc if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise WeightLoadError(f"{where}: encoder blocks {blocks[:4]}... are not numbered 0..N-1")
+    dim = proj.shape[0]
+    fc1 = enc.get("blocks.0.mlp.fc1.weight")
+    pos = enc.get("pos_embed")
+    grid = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.dim() == 3 else None
+    return enc, {"embed_dim": int(dim), "depth": len(blocks), "patch_size": int(proj.shape[-1]),
+                 "in_chans": int(proj.shape[1]), "grid": grid,
+                 "mlp_ratio": float(fc1.shape[0] / dim) if fc1 is not None else 4.0,
+                 "qkv_bias": "blocks.0.attn.qkv.bias" in enc, "source": where, "layout": _layout(sd)}
+
+
+def _layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """Which code wrote a state dict, as far as its key names tell."""
+    if any(k.startswith(ORIGINAL_TEXT_PREFIX) for k in sd):
+        return "original MRM (encoder, pixel decoder, text stack)"
+    if any(k.startswith("report.mlm.") for k in sd):
+        return "mrm-scale MRM"
+    if "decoder_embed.weight" in sd:
+        return "MAE (encoder, pixel decoder)"
+    return "timm ViT"
+
+
 def load_image_encoder(
     target: nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -248,27 +324,41 @@ def _report_file(source: str | os.PathLike) -> Path:
     return path
 
 
-def _normalise_bert_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+ORIGINAL_TEXT_PREFIX = "bert_encoder.model."  # the original MRM code's text stack (a BertForMaskedLM)
+ORIGINAL_IMAGE_PROJ = "bert_mlp."  # ... and its image-to-text projection
+
+
+def _normalise_bert_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(masked-LM keys as ``bert.*`` / ``cls.*``, image projection ``weight``/``bias`` if the source has one).
+    Sources: our MRM state dicts (``report.mlm.*``, ``report.image_proj.*``), the original MRM layout
+    (``bert_encoder.model.*``, ``bert_mlp.*``), transformers masked LMs and bare ``BertModel`` keys."""
     sd = _strip(sd)
-    if any(k.startswith("report.mlm.") for k in sd):  # one of our own MRM state dicts
-        sd = {k[len("report.mlm."):]: v for k, v in sd.items() if k.startswith("report.mlm.")}
+    proj: dict[str, torch.Tensor] = {}
+    for prefix, proj_prefix in (("report.mlm.", "report.image_proj."), (ORIGINAL_TEXT_PREFIX, ORIGINAL_IMAGE_PROJ)):
+        if any(k.startswith(prefix) for k in sd):
+            proj = {k[len(proj_prefix):]: v for k, v in sd.items() if k.startswith(proj_prefix)}
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
     out = {}
     for key, value in sd.items():
         if key.startswith(("embeddings.", "encoder.", "pooler.")):  # a bare BertModel
             key = "bert." + key
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         out[key] = value
-    return out
+    return out, proj
 
 
 def load_report_head(
     model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict: bool = False
 ) -> LoadReport:
-    """Load BERT masked-LM weights into ``model.report.mlm``.
+    """Load BERT masked-LM weights into ``model.report.mlm`` (and the image projection when the source has it).
 
-    ``source``: a ``save_pretrained`` directory, a ``.safetensors``/``.bin`` file, or a state dict. The vocabulary
-    must match the model's (the data's tokenizer) - a mismatch raises, naming both sizes. A longer position table
-    is cut to the model's ``text_max_positions``. Pooler and next-sentence weights are reported as unused.
+    ``source``: a ``save_pretrained`` directory (our export's ``report_model/``, with its image projection), a
+    ``.safetensors``/``.pth`` file, a checkpoint in the original MRM layout (``bert_encoder.model.*`` and
+    ``bert_mlp.*``), or a state dict. The vocabulary must match the model's (the data's tokenizer) - a mismatch
+    raises, naming both sizes. A longer position table is cut to the model's ``text_max_positions``; a shorter one
+    (the original's 100 rows) fills the first rows, which is all a model with ``max_tokens`` up to that uses.
+    Pooler and next-sentence weights are reported as unused.
     """
     report_head = getattr(model, "report", None)
     if report_head is None:
@@ -279,7 +369,12 @@ def load_report_head(
     else:
         file = _report_file(source)
         sd, where = load_state_dict_file(file), str(file)
-    sd = _normalise_bert_keys(sd)
+    sd, proj = _normalise_bert_keys(sd)
+    if not proj and not isinstance(source, Mapping) and Path(source).is_dir():
+        from mrm_scale.formats.exports import IMAGE_PROJ_FILE
+
+        if (Path(source) / IMAGE_PROJ_FILE).is_file():
+            proj = load_state_dict_file(Path(source) / IMAGE_PROJ_FILE)
     mine = mlm.state_dict()
     report = LoadReport(source=where)
 
@@ -302,14 +397,76 @@ def load_report_head(
         src = sd[key]
         used.add(key)
         if src.shape != dst.shape:
-            if key.endswith("position_embeddings.weight") and src.shape[0] > dst.shape[0] and src.shape[1:] == dst.shape[1:]:
+            rows = key.endswith("position_embeddings.weight") and src.shape[1:] == dst.shape[1:]
+            if rows and src.shape[0] > dst.shape[0]:
                 src = src[: dst.shape[0]]
                 report.adapted[key] = f"first {dst.shape[0]} of {sd[key].shape[0]} positions"
+            elif rows and src.shape[0] >= report_head.cfg.max_tokens:
+                src = torch.cat([src, dst[src.shape[0]:].to(src.dtype)])
+                report.adapted[key] = (f"{sd[key].shape[0]} positions into the first rows of {dst.shape[0]} (the rest "
+                                       f"keep their init; max_tokens {report_head.cfg.max_tokens} uses none of them)")
             else:
                 problems.append(f"{key}: shape {tuple(src.shape)} in the file, {tuple(dst.shape)} in the model")
                 continue
         new[key] = src
         report.loaded.append(key)
     report.unexpected = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED_BUFFERS))
-    return _apply(mlm, new, sd, report, problems, where, "report head", strict,
-                  "'bert.*' / 'cls.*' keys of a BERT masked LM")
+    report = _apply(mlm, new, sd, report, problems, where, "report head", strict,
+                    "'bert.*' / 'cls.*' keys of a BERT masked LM")
+    if proj:
+        target = report_head.image_proj
+        shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in proj.items() if k in shapes}
+        if got != shapes:
+            raise WeightLoadError(f"{where}: the image projection has {got or sorted(proj)}, the model needs "
+                                  f"{shapes} (encoder width -> text width)")
+        target.load_state_dict({k: proj[k] for k in shapes})
+        report.loaded += [f"image_proj.{k}" for k in shapes]
+        log.info("report head: image projection loaded from %s", where)
+    else:  # a plain BERT: the projection is ours to learn (not listed as missing: the masked LM is complete)
+        log.info("report head: %s has no image projection; it keeps its init", where)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pixel decoder
+# ----------------------------------------------------------------------------------------------------------------
+# the original MRM / MAE layout -> our PixelDecoder's names
+_ORIGINAL_DECODER = (("decoder_embed.", "embed."), ("decoder_blocks.", "blocks."), ("decoder_norm.", "norm."),
+                     ("decoder_pred.", "pred."), ("mask_token", "mask_token"), ("decoder_pos_embed", "pos_embed"))
+
+
+def load_pixel_decoder(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                       strict: bool = True) -> LoadReport:
+    """Load the pixel decoder from the original MRM or MAE layout (``decoder_embed``, ``decoder_blocks.N``,
+    ``decoder_norm``, ``decoder_pred``, ``mask_token``, ``decoder_pos_embed``) or one of our MRM state dicts
+    (``decoder.*``). ``strict``: every decoder tensor must be in the file, with the model's shape."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise TypeError(f"expected an MRM model, got {type(model).__name__}")
+    sd, where = _resolve(source)
+    sd = _strip(sd)
+    mapped: dict[str, torch.Tensor] = {}
+    if any(k.startswith("decoder.") for k in sd):
+        mapped = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    else:
+        for k, v in sd.items():
+            for theirs, ours in _ORIGINAL_DECODER:
+                if k.startswith(theirs):
+                    mapped[ours + k[len(theirs):]] = v
+                    break
+    mine = decoder.state_dict()
+    report = LoadReport(source=where)
+    problems, new = [], {}
+    for key, dst in mine.items():
+        if key not in mapped:
+            report.missing.append(key)
+            continue
+        if mapped[key].shape != dst.shape:
+            problems.append(f"{key}: shape {tuple(mapped[key].shape)} in the file, {tuple(dst.shape)} in the model")
+            continue
+        new[key] = mapped[key]
+        report.loaded.append(key)
+    report.unexpected = sorted(k for k in mapped if k not in mine)
+    return _apply(decoder, new, sd, report, problems, where, "pixel decoder", strict,
+                  "'decoder_embed.*', 'decoder_blocks.*', ... (original MRM/MAE) or 'decoder.*'")

@@ -62,8 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field (repeatable), e.g. --set text_dropout=0 --set embed_dim=128")
     g.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
-    g.add_argument("--init-encoder", default=None, help="timm/MAE ViT weights (.pth/.safetensors) for the encoder")
-    g.add_argument("--init-report", default=None, help="BERT directory or .safetensors for the report head")
+    g.add_argument("--init-encoder", default=None,
+                   help="encoder weights: a timm/MAE ViT or the original MRM checkpoint (.pth/.safetensors)")
+    g.add_argument("--init-decoder", default=None,
+                   help="pixel decoder weights: an MAE or the original MRM checkpoint (continue pretraining)")
+    g.add_argument("--init-report", default=None,
+                   help="report head: a BERT directory or file, or the original MRM checkpoint (its "
+                        "bert_encoder.model.* text stack and bert_mlp image projection)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizers JSON the run expects; refused when the shards were made with another one")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at the end)")
@@ -109,6 +114,7 @@ class ModelArgs:
     overrides: tuple[str, ...] = ()  # --set FIELD=VALUE
     compile: bool = False
     init_encoder: str | None = None
+    init_decoder: str | None = None
     init_report: str | None = None
 
 

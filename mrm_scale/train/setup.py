@@ -330,11 +330,13 @@ def build_engine(run: Run):
     np.random.seed(seed)
     torch.manual_seed(seed)
     model = build_model(run.model_cfg, **run.tokenizer.model_ids())
-    if m.init_encoder or m.init_report:
+    if m.init_encoder or m.init_decoder or m.init_report:
         from mrm_scale.model import weights
 
         if m.init_encoder:
             weights.load_image_encoder(model, m.init_encoder)
+        if m.init_decoder:
+            weights.load_pixel_decoder(model, m.init_decoder)
         if m.init_report:
             weights.load_report_head(model, m.init_report)
     if m.compile:
