@@ -10,7 +10,9 @@
 #   2. the CUDA paths of the model: the same weights, batch and seed give the same masks and bf16 and fp32
 #      losses (image and report, fp32 in both) that agree on the GPU, with finite gradients;
 #   3. JPEG decoding of synthetic shards (prepared here with `mrm-scale prep --source synthetic`) on the GPU with
-#      torchvision.io.decode_jpeg(device="cuda"), against the CPU decoder, images/s and pixel agreement.
+#      torchvision.io.decode_jpeg(device="cuda"), against the CPU decoder, images/s and pixel agreement;
+#   4. the paper's fine-tuning step (`mrm-scale bench finetune --skip-decode`: ViT-B/16 at 224 px, fc_norm head,
+#      SGD, bf16 autocast, batch 96) and scoring: images/s and TFLOP/s, the figures behind the README's run times.
 # The last thing printed is a table of the results.
 #
 # usage: bash launch/bench_gpu.sh [--device cuda|cpu] [--out DIR]
@@ -52,11 +54,12 @@ print(torch.cuda.get_device_name(0))' 2>/dev/null)"; then
          "For a CPU dry run of its steps use: bash launch/bench_gpu.sh --device cpu" >&2
     exit 3
   fi
-  PRESETS="base large"; BATCH_base="${BASE_BATCH:-64}"; BATCH_large="${LARGE_BATCH:-32}"
+  PRESETS="base large"; BATCH_base="${BASE_BATCH:-64}"; BATCH_large="${LARGE_BATCH:-32}"; FT_BATCH=96
   STEPS="${STEPS:-20}"; WARMUP="${WARMUP:-5}"; CHECK_PRESET=base; NUM=512; SIDE=1024
 else
   GPU="cpu dry run"
   PRESETS="tiny"; BATCH_tiny=4; STEPS="${STEPS:-3}"; WARMUP="${WARMUP:-1}"; CHECK_PRESET=tiny; NUM=48; SIDE=256
+  FT_BATCH=2
 fi
 
 if [ -z "$OUT" ]; then
@@ -189,6 +192,15 @@ with open(out_path, "w") as f:
 sys.exit(0 if ok else 1)
 PYEOF
 
+# -- 4. the paper's fine-tuning step ------------------------------------------------------------------------
+echo "== [4] bench finetune: preset $CHECK_PRESET at 224 px, batch $FT_BATCH, the mrm-paper step and scoring"
+if timeout "$(cap 180)" "$PY" -m mrm_scale.cli bench finetune --device "$DEVICE" --preset "$CHECK_PRESET" \
+    --batch "$FT_BATCH" --steps 3 --skip-decode 2>&1 | tee "$OUT/finetune.log"; then
+  tail -n 1 "$OUT/finetune.log" > "$OUT/finetune.json"
+else
+  FAILED="$FAILED finetune"
+fi
+
 # -- table -------------------------------------------------------------------------------------------------
 "$PY" - "$OUT" "$GPU" "$(( $(date +%s) - START ))" "$PRESETS" "${FAILED:-}" <<'PYEOF'
 import glob, json, os, sys
@@ -227,6 +239,14 @@ else:
                if "gpu_images_per_s" in dec else "GPU not run (cpu dry run)")
     rows.append((f"decode_jpeg {dec['images']} JPEGs", f"CPU {dec['cpu_images_per_s']:.0f} img/s "
                  f"({dec['cpu_threads']} threads); {gpu_dec}"))
+ft = load("finetune.json")
+if ft is None or "step" not in ft:
+    rows.append(("mrm-paper fine-tune step", "FAILED (see finetune.log)"))
+else:
+    st = ft["step"]
+    rows.append((f"mrm-paper fine-tune step ({st['preset']}, 224 px)",
+                 f"batch {st['batch']}: train {st['train_images_per_s']:.1f} img/s ({st['train_tflop_s']:.2f} TFLOP/s, "
+                 f"{st['train_fraction_of_peak']:.2f} of the bf16 matmul), score {st['score_images_per_s']:.1f} img/s"))
 w = max(len(a) for a, _ in rows)
 print(f"\nmrm-scale GPU benchmark - {gpu} - {secs} s")
 print(f"{'measurement':<{w}} | result")

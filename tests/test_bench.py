@@ -97,6 +97,19 @@ def test_gpu_script_parses():
     subprocess.run(["bash", "-n", GPU_SCRIPT], check=True)
 
 
+def test_bench_finetune_prints_decode_per_format_and_the_paper_step(capsys):
+    assert main(["bench", "finetune", "--preset", "tiny", "--batch", "2", "--steps", "1", "--images", "2"]) == 0
+    r = last_json(capsys.readouterr().out)
+    formats = r["decode_ms_per_image_one_core"]
+    assert {"nih_png_1024", "chexpert_jpeg_390x320", "covid_jpeg_512"} <= set(formats)
+    assert any(k.startswith("rsna_dicom_1024") for k in formats)
+    assert all(v["eval"] > 0 and v["train"] > 0 for v in formats.values())
+    st = r["step"]
+    assert st["preset"] == "tiny" and st["batch"] == 2 and st["train_images_per_s"] > 0 < st["score_images_per_s"]
+    assert st["train_tflop_s"] == pytest.approx(3 * st["forward_gflop_per_image"] * st["train_images_per_s"] / 1e3,
+                                                rel=1e-2)
+
+
 def test_gpu_script_refuses_without_a_gpu():
     env = dict(ENV, CUDA_VISIBLE_DEVICES="")  # no GPU visible, whatever the machine has
     p = subprocess.run(["bash", GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -116,7 +129,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert "FAILED" not in table
     assert "step tiny bf16" in table and "losses bf16 vs fp32" in table and "-> ok" in table
     assert re.search(r"decode_jpeg \d+ JPEGs +\| CPU \d+ img/s", table), table
-    for name in ("step_tiny.json", "losses.json", "decode.json"):
+    assert re.search(r"mrm-paper fine-tune step \(tiny, 224 px\) +\| batch 2: train [\d.]+ img/s", table), table
+    for name in ("step_tiny.json", "losses.json", "decode.json", "finetune.json"):
         assert (tmp_path / name).is_file()
 
 

@@ -13,6 +13,8 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "loader": ("mrm_scale.bench.loader", "input pipeline throughput (dali | wds) against the paper's loader"),
     "step": ("mrm_scale.bench.step", "one training step (forward, backward, optimizer): samples/s and MFU"),
+    "finetune": ("mrm_scale.bench.finetune",
+                 "the paper's fine-tuning: decode ms per official image format, step and scoring images/s"),
     "scaling": ("mrm_scale.bench.scaling", "DeepSpeed ZeRO-2 on 1 and 2 ranks: scaling efficiency, data wait"),
 }
 

@@ -4,7 +4,7 @@
     mrm-scale eval recipes --splits-root MRM-pytorch/DatasetsSplits --gpu-tflops 400
 
 ``table`` collects ``results.json`` files (given as files or folders searched recursively) into the paper's
-layout: one row per model (the ``--init``'s name and the recipe), one column per dataset x label fraction, each
+layout: one row per model (the ``--init``'s name and the recipe, with any values overridden), one column per dataset x label fraction, each
 cell the test mean AUC (x100) as mean ± sample standard deviation over seeds, with the number of seeds; a second
 table per dataset gives the per-class AUC. ``--paper`` adds the paper's own MRM figures as a row. Written as
 Markdown (printed, and ``table.md``) and CSV (``table.csv``, ``per_class.csv``) under ``--out``. The same (model,
@@ -12,7 +12,8 @@ recipe, dataset, fraction, seed) twice is an error naming both files: a table ne
 
 ``recipes`` prints ``--recipe mrm-paper`` for every dataset and fraction. With ``--splits-root`` (the original
 repository's ``DatasetsSplits``) it adds each run's training and scored images, its FLOPs (ViT-B/16 at 224 px:
-35.1 GFLOP per image forward, 3x for a training image) and the hours at ``--gpu-tflops`` sustained.
+35.1 GFLOP per image forward, 3x for a training image), the hours ``--cores`` CPU cores take to decode its images,
+and the hours of the run at each ``--gpu-tflops`` sustained (the longer of compute and decoding).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--splits-root", default=None,
                    help="the original repository's DatasetsSplits folder: adds images, FLOPs and hours per run")
     r.add_argument("--gpu-tflops", type=float, action="append", default=None,
-                   help="sustained bf16 TFLOP/s to price the runs at (repeatable; default 100, 250 and 400)")
+                   help="sustained bf16 TFLOP/s to price the runs at (repeatable; default 50, 125 and 400)")
+    r.add_argument("--cores", type=int, default=16, help="CPU cores decoding images beside the GPU")
 
 
 def run(args) -> int:
@@ -52,7 +54,7 @@ def run(args) -> int:
         if args.eval_command == "table":
             print(build_tables(find_results(args.results), paper=args.paper, out=args.out))
         else:
-            print(recipes_table(args.splits_root, args.gpu_tflops or [100.0, 250.0, 400.0]))
+            print(recipes_table(args.splits_root, args.gpu_tflops or [50.0, 125.0, 400.0], args.cores))
     except DataSetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,6 +100,9 @@ def read_result(path: str) -> dict:
         if key not in res:
             raise DataSetError(f"{path}: no {key!r}; not a results.json of launch/finetune.py")
     recipe = (res.get("recipe") or {}).get("name", "default")
+    overrides = (res.get("recipe") or {}).get("overrides") or {}
+    if overrides:  # not the named recipe any more: its own row, saying how
+        recipe += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
     dataset = res.get("dataset") or "custom:" + os.path.basename(str(res["data"]["train"]["source"]))
     percent = res.get("percent")
     if percent is None:
@@ -220,7 +225,12 @@ def split_sizes(splits_root: str, dataset: str, percent: int) -> tuple[int, int,
     return tuple(sizes)
 
 
-def recipes_table(splits_root: str | None, tflops: list[float]) -> str:
+# ms per image on one core, eval transform, measured with `mrm-scale bench finetune` on the project's CPU machine
+# (2026-12): NIH 1024-px PNG, CheXpert-small JPEG, RSNA 1024-px JPEG-baseline DICOM, COVID JPEG <= 512 px
+DECODE_MS = {"nih": 10.1, "chexpert": 1.7, "rsna": 17.8, "covid": 2.2}
+
+
+def recipes_table(splits_root: str | None, tflops: list[float], cores: int = 16) -> str:
     from mrm_scale.model import get_preset
     from mrm_scale.model.flops import encoder_forward_flops
 
@@ -228,9 +238,9 @@ def recipes_table(splits_root: str | None, tflops: list[float]) -> str:
     head = "| dataset | % | steps | warm-up | lr |"
     sep = "|---|---|---|---|---|"
     if splits_root:
-        head += " train / val / test images | val passes | trained + scored images | PFLOP | " + " | ".join(
-            f"h at {t:g} TFLOP/s" for t in tflops) + " |"
-        sep += "---|---|---|---|" + "---|" * len(tflops)
+        head += (" train / val / test images | val passes | trained + scored images | PFLOP | decode h on "
+                 f"{cores} cores | " + " | ".join(f"h at {t:g} TFLOP/s" for t in tflops) + " |")
+        sep += "---|---|---|---|---|" + "---|" * len(tflops)
     lines = ["`--recipe mrm-paper` (SGD momentum 0.9, wd 0, batch 96, clip 1, warmup + cosine, 224 px, fc_norm head)",
              "", head, sep]
     for (d, p) in sorted(PAPER_SCHEDULES, key=lambda k: (list(ADAPTERS).index(k[0]), k[1])):
@@ -239,16 +249,20 @@ def recipes_table(splits_root: str | None, tflops: list[float]) -> str:
         if splits_root:
             sizes = split_sizes(splits_root, d, p)
             if sizes is None:
-                row += " (split files not there) |" + " |" * (3 + len(tflops))
+                row += " (split files not there) |" + " |" * (4 + len(tflops))
             else:
                 img = run_images(r, *sizes)
                 flops = run_flops(img, fwd)
+                decode_h = (img["train_images"] + img["eval_images"]) * DECODE_MS[d] / 1e3 / cores / 3600
                 row += (f" {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} | {img['val_passes']:,} | "
                         f"{img['train_images'] / 1e6:.2f}M + {img['eval_images'] / 1e6:.2f}M | {flops / 1e15:,.0f} | "
-                        + " | ".join(f"{flops / (t * 1e12) / 3600:.1f}" for t in tflops) + " |")
+                        f"{decode_h:.1f} | "
+                        + " | ".join(f"{max(flops / (t * 1e12) / 3600, decode_h):.1f}" for t in tflops) + " |")
         lines.append(row)
     if splits_root:
         lines += ["", f"Forward {fwd / 1e9:.1f} GFLOP per 224-px image (ViT-B/16), a training image 3x; the paper "
-                  "scores val after every epoch of the training set. Hours assume the given sustained rate for the "
-                  "whole run (data loading keeping up)."]
+                  "scores val after every epoch of the training set. Decoding (ms per image on one core: "
+                  + ", ".join(f"{ADAPTERS[k].title} {v}" for k, v in DECODE_MS.items())
+                  + ", from `mrm-scale bench finetune`) runs beside the GPU; a run takes the longer of the two. "
+                  "The GPU columns assume that sustained rate for the whole run."]
     return "\n".join(lines) + "\n"
