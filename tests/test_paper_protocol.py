@@ -5,6 +5,7 @@ fine-tuning and pretraining, and `mrm-scale eval table`."""
 import argparse
 import csv
 import json
+import os
 import pickle
 import zlib
 
@@ -193,6 +194,30 @@ def test_paper_recipe_learns_a_visible_finding_and_loads_a_timm_vit_file(tmp_pat
     losses = [h["val_loss"] for h in res["history"]]
     assert losses[-1] < 0.5 < np.log(2) and losses[-1] < losses[0], losses
     assert res["test"]["auc"]["Pneumonia"] > 0.9, res["test"]["auc"]
+
+
+@pytest.mark.slow
+def test_paper_recipe_data_parallel_over_two_processes(tmp_path):
+    """torchrun, two CPU processes (gloo): the global batch of 8 is 4 per process, the steps are those of one
+    process with 8, every validation and test image is scored once, and the fc_norm head leaves no parameter
+    without a gradient (DDP would refuse the second step)."""
+    import subprocess
+    import sys
+
+    from mrm_scale.ports import free_port
+
+    root, splits = make_layout(tmp_path, "nih")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(repo, "launch", "finetune.py"), "--dataset", "nih", "--data-root", str(root), "--splits",
+           str(splits), "--label-fraction", "0.01", *short(steps=4, eval_every=2), "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (res["hyper"]["processes"], res["hyper"]["per_process_batch"]) == (2, 4)
+    assert [h["step"] for h in res["history"]] == [2, 4]
+    assert res["val"]["samples"] == 16 == res["test"]["samples"]
 
 
 @pytest.mark.realdata

@@ -44,6 +44,9 @@ class Classifier(nn.Module):
         # the encoder of an image-only MRM model: MAE-style init (sin-cos positions), replaced by loaded weights
         self.encoder: ImageEncoder = build_model(cfg.replace(report_weight=0.0)).encoder
         if head == "fc_norm":
+            # the encoder's final norm is not used (as the original deletes it): no parameters that never get a
+            # gradient, which data-parallel training would refuse; loading weights reports its keys as unused
+            self.encoder.norm = nn.Identity()
             self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         else:
             self.register_buffer("feat_mean", torch.zeros(cfg.embed_dim))
