@@ -64,6 +64,7 @@ class PrepOptions:
     max_tokens: int = 100
     workers: int = 1
     strict: bool = False
+    masks: bool = False  # synthetic: store every drawn finding's extent as KEY.seg.png
     progress: bool = True
 
     def check(self) -> None:
@@ -85,12 +86,19 @@ class PrepOptions:
             raise PrepError(f"--max-tokens {self.max_tokens}: must leave room for [CLS] text [SEP]")
         if self.views not in ("frontal", "all"):
             raise PrepError(f"--views {self.views!r}: choose frontal or all")
+        if self.masks and self.source != "synthetic":
+            raise PrepError(f"--masks: only the synthetic corpus draws masks; a {self.source} corpus has none to "
+                            "store (segmentation reads real masks with their dataset, e.g. launch/segment.py "
+                            "--dataset siim)")
 
     def content_options(self) -> dict:
         """The options that decide shard bytes (not how prep runs)."""
         keep = ("source", "seed", "synthetic_size", "max_side", "jpeg_quality", "max_tokens", "shard_size",
                 "val_fraction", "views")
-        return {k: getattr(self, k) for k in keep}
+        out = {k: getattr(self, k) for k in keep}
+        if self.masks:  # only when on: corpora prepared before masks existed keep their fingerprints
+            out["masks"] = True
+        return out
 
 
 @dataclass
@@ -135,19 +143,26 @@ def _rejection(c: Candidate, reason: str, detail: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- image workers
 
-def _encode_candidate(args: tuple[Candidate, int, int]):
-    """Worker: (key, jpeg, orig_size, size, image meta) or (key, None, reason, detail)."""
-    c, max_side, quality = args
+def _encode_candidate(args: tuple[Candidate, int, int, bool]):
+    """Worker: (key, jpeg, orig_size, size, image meta) or (key, None, reason, detail). With masks, the image meta
+    carries the packed masks under ``"seg"`` and the classes drawn under ``"masks"``."""
+    c, max_side, quality, masks = args
     try:
         if c.synthetic is not None:
             from PIL import Image
 
             from . import synthetic
+            from .masks import pack_masks
 
             index, seed, size = c.synthetic
-            img = Image.fromarray(synthetic.make_record(index, seed, size).image, "L")
+            record = synthetic.make_record(index, seed, size, masks=masks)
+            img = Image.fromarray(record.image, "L")
             jpeg, stored = prepare_image(img, c.origin, max_side, quality)
-            return c.key, jpeg, img.size, stored, {}
+            extra = {}
+            if masks:
+                extra = {"seg": pack_masks(record.masks, synthetic.MASK_FINDINGS, size=stored),
+                         "masks": sorted(k for k, m in record.masks.items() if m.any())}
+            return c.key, jpeg, img.size, stored, extra
         enc = load_and_encode(c.image, max_side, quality)
         return c.key, enc.jpeg, enc.orig_size, enc.size, enc.meta
     except ImageError as e:
@@ -331,7 +346,7 @@ def _remove_stale_shards(out: str, planned: set[str]) -> None:
 
 def _build_shards(opt: PrepOptions, todo: list[ShardPlan], tok, tok_meta: dict, states: dict, pool) -> None:
     pad = tok_meta["pad_id"]
-    jobs = [(c, opt.max_side, opt.jpeg_quality) for p in todo for c in p.candidates]
+    jobs = [(c, opt.max_side, opt.jpeg_quality, opt.masks) for p in todo for c in p.candidates]
     pbar = None
     if opt.progress:
         from tqdm import tqdm
@@ -356,8 +371,13 @@ def _build_shards(opt: PrepOptions, todo: list[ShardPlan], tok, tok_meta: dict, 
                             report_tokens=n_pieces + 2, truncated=n_pieces + 2 > opt.max_tokens)
                 if img_meta.get("view") and not meta.get("view"):
                     meta["view"] = img_meta["view"]
-                samples.append((c.key, {"jpg": jpeg, "txt": c.report.encode(), "ids": ids_b, "flags": flags_b,
-                                        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}))
+                if "masks" in img_meta:
+                    meta["masks"] = img_meta["masks"]  # the classes with a non-empty mask
+                parts = {"jpg": jpeg, "txt": c.report.encode(), "ids": ids_b, "flags": flags_b,
+                         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()}
+                if "seg" in img_meta:
+                    parts[sf.MASK_MEMBER] = img_meta["seg"]
+                samples.append((c.key, parts))
                 stats.append([orig_size[0], orig_size[1], size[0], size[1], len(jpeg),
                               len(c.report.split()), n_pieces + 2])
             states[plan.name] = _write_shard(opt.out, plan, samples, rejected, stats)
@@ -428,8 +448,9 @@ def _manifest(opt, plans, states, tok_meta, rejected, excluded) -> dict:
     }
     if label_counts:
         stats["label_positives"] = dict(sorted(label_counts.items()))
-    options = {k: v for k, v in asdict(opt).items() if k not in ("out", "progress", "workers", "strict")}
-    return {
+    options = {k: v for k, v in asdict(opt).items() if k not in ("out", "progress", "workers", "strict")
+               and (k != "masks" or v)}
+    manifest = {
         "format": sf.FORMAT_VERSION,
         "max_tokens": opt.max_tokens,
         "tokenizer": tok_meta,
@@ -439,6 +460,11 @@ def _manifest(opt, plans, states, tok_meta, rejected, excluded) -> dict:
         "rejected": rejected,
         "stats": stats,
     }
+    if opt.masks:
+        from .synthetic import MASK_FINDINGS
+
+        manifest[sf.MASK_CLASSES] = list(MASK_FINDINGS)
+    return manifest
 
 
 def summary(result: PrepResult) -> str:

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=D["num"].default, help="synthetic: number of records")
     p.add_argument("--seed", type=int, default=D["seed"].default, help="synthetic: corpus seed")
     p.add_argument("--synthetic-size", type=int, default=D["synthetic_size"].default, help="synthetic: image px")
+    p.add_argument("--masks", action="store_true",
+                   help="synthetic: store each drawn finding's extent (pneumothorax, effusion, consolidation, "
+                        "nodule, atelectasis) as KEY.seg.png, for segmentation (launch/segment.py --shards)")
     p.add_argument("--views", choices=("frontal", "all"), default=D["views"].default,
                    help="keep only PA/AP views where the view is known (default) or all")
     p.add_argument("--shard-size", type=int, default=D["shard_size"].default, help="candidates per shard")

@@ -89,6 +89,35 @@ def decode_image(data: bytes, key: str, size: int, augment: bool, seed: int, epo
         return crop_resize(im, key, size, augment, seed, epoch, scale, ratio)
 
 
+def crop_box(width: int, height: int, key: str, augment: bool, seed: int, epoch: int,
+             scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO
+             ) -> tuple[int, int, int, int, bool]:
+    """(left, top, w, h, flip) of the crop :func:`crop_resize` takes from a ``width`` x ``height`` image: train
+    (``augment``) a RandomResizedCrop + flip drawn from (seed, epoch, key), else the centre square. A mask takes the
+    same box (:func:`crop_resize_mask`)."""
+    if augment:
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
+        x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
+        return x, y, w, h, bool(rng.random() < 0.5)
+    w = h = min(width, height)  # resize the shorter side to `size`, centre crop
+    return (width - w) // 2, (height - h) // 2, w, h, False
+
+
+def crop_resize_mask(mask: np.ndarray, box: tuple[int, int, int, int, bool], size: int) -> np.ndarray:
+    """A bool mask of the full image -> bool (size, size) of the same crop as the image (:func:`crop_box`):
+    bilinear with antialiasing, then at least half covered."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y, w, h, flip = box
+    m = np.ascontiguousarray(mask[y:y + h, x:x + w], dtype=np.float32)
+    if (h, w) != (size, size):
+        m = F.interpolate(torch.from_numpy(m)[None, None], size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[0, 0].numpy()
+    out = m >= 0.5
+    return out[:, ::-1] if flip else out
+
+
 def crop_resize(im: Image.Image, key: str, size: int, augment: bool, seed: int, epoch: int,
                 scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
     """An opened (possibly not yet decoded) image -> uint8 (size, size) gray crop.
@@ -103,13 +132,7 @@ def crop_resize(im: Image.Image, key: str, size: int, augment: bool, seed: int, 
     :func:`mrm_scale.data.images.read_dicom` and passed in already windowed.
     """
     width, height = im.size
-    if augment:
-        rng = np.random.default_rng([seed & 0xFFFFFFFF, TAG_AUGMENT, epoch, key_hash(key)])
-        x, y, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
-        flip = rng.random() < 0.5
-    else:  # resize the shorter side to `size`, centre crop
-        w = h = min(width, height)
-        x, y, flip = (width - w) // 2, (height - h) // 2, False
+    x, y, w, h, flip = crop_box(width, height, key, augment, seed, epoch, scale, ratio)
     red = 1
     while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
         red *= 2

@@ -30,7 +30,7 @@ def check_sample(key: str, parts: dict[str, bytes], max_tokens: int, tok: dict) 
     missing = [m for m in sf.MEMBERS if m not in parts]
     if missing:
         return [f"key {key}: missing member(s) {', '.join(missing)}"]
-    extra = sorted(set(parts) - set(sf.MEMBERS))
+    extra = sorted(set(parts) - set(sf.MEMBERS) - set(sf.OPTIONAL_MEMBERS))
     if extra:
         problems.append(f"key {key}: unexpected member(s) {', '.join(extra)}")
     try:
@@ -39,8 +39,14 @@ def check_sample(key: str, parts: dict[str, bytes], max_tokens: int, tok: dict) 
         img.load()
         if fmt != "JPEG" or img.mode != "L":
             problems.append(f"key {key}: image is {fmt} {img.mode}, expected an 8-bit grayscale JPEG")
+        if sf.MASK_MEMBER in parts:
+            seg = Image.open(io.BytesIO(parts[sf.MASK_MEMBER]))
+            seg.load()
+            if seg.format != "PNG" or seg.mode != "L" or seg.size != img.size:
+                problems.append(f"key {key}: {sf.MASK_MEMBER} is {seg.format} {seg.mode} {seg.size}, expected an "
+                                f"8-bit grayscale PNG of the image's size {img.size}")
     except Exception as e:
-        problems.append(f"key {key}: image does not decode ({e})")
+        problems.append(f"key {key}: image or mask does not decode ({e})")
     try:
         if not parts["txt"].decode("utf-8").strip():
             problems.append(f"key {key}: empty report text")

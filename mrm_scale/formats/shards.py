@@ -9,6 +9,9 @@ One WebDataset sample per radiograph; the key has no dots. Members, in this orde
 - ``KEY.flags`` uint8, exactly ``max_tokens``: bit 0 = real token (attention mask), bit 1 = the token
                 starts a word (never set on special tokens or ``##`` continuation pieces).
 - ``KEY.json``  metadata: ``source`` ids, ``view``, ``labels`` (when known), ``orig_size`` [w, h], ...
+- ``KEY.seg.png`` (optional, ``prep --masks``) segmentation masks: an 8-bit grayscale PNG of the JPEG's size,
+                bit k set where class k of the manifest's ``mask_classes`` is present
+                (:mod:`mrm_scale.data.masks` packs and unpacks it).
 
 Fixed-width token arrays let DALI read them as raw bytes and reinterpret them with no Python per sample.
 Every shard ``NAME.tar`` has a DALI index ``NAME.idx`` in the format DALI's ``wds2idx`` writes.
@@ -16,7 +19,8 @@ Every shard ``NAME.tar`` has a DALI index ``NAME.idx`` in the format DALI's ``wd
 A shard folder holds ``manifest.json`` (:func:`write_manifest` / :func:`read_manifest`): ``format``,
 ``max_tokens``, ``tokenizer`` (a :class:`~mrm_scale.formats.tokenizer.TokenizerIdentity` entry), ``splits``
 (``{split: {"samples": N, "shards": [{"tar", "idx", "samples", "sha256", ...}]}}``), ``rejected``, ``stats``,
-``source`` and ``options``; beside it the tokenizer file and the tars.
+``source`` and ``options`` (and ``mask_classes`` when the samples carry masks); beside it the tokenizer file and
+the tars.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from .files import json_bytes, read_json, write_atomic
 
 FORMAT_VERSION = "mrm-scale-shards/1"
 MEMBERS = ("jpg", "txt", "ids", "flags", "json")
+MASK_MEMBER = "seg.png"
+OPTIONAL_MEMBERS = (MASK_MEMBER,)
+MASK_CLASSES = "mask_classes"  # the manifest's list of mask classes, bit k = class k
 IDS_DTYPE = np.dtype("<i4")
 FLAGS_DTYPE = np.dtype("u1")
 FLAG_ATTENTION = 1
@@ -93,7 +100,7 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int
         for key, parts in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-            for ext in MEMBERS:
+            for ext in MEMBERS + OPTIONAL_MEMBERS:
                 if ext in parts:
                     payload = parts[ext]
                     tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))

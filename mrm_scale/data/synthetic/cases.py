@@ -19,6 +19,8 @@ import numpy as np
 FINDINGS: tuple[str, ...] = ("cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "nodule",
                              "atelectasis", "edema", "support_devices")
 LABELS: tuple[str, ...] = FINDINGS + ("no_finding",)
+# findings with an extent in the image, the order of their masks (``make_record(..., masks=True)``)
+MASK_FINDINGS: tuple[str, ...] = ("pneumothorax", "pleural_effusion", "consolidation", "nodule", "atelectasis")
 SIDES = ("right", "left", "bilateral")
 ZONES = ("upper", "middle", "lower")
 SEVERITIES = ("mild", "moderate", "severe")
@@ -36,6 +38,7 @@ class SyntheticRecord:
     report: str
     labels: dict
     meta: dict
+    masks: dict | None = None  # finding -> bool (size, size) extent, for every drawn finding of MASK_FINDINGS
 
 
 @dataclass(frozen=True)

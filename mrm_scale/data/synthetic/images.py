@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .cases import FINDINGS, _SEV_INDEX, _Case, _Finding
+from .cases import FINDINGS, MASK_FINDINGS, _SEV_INDEX, _Case, _Finding
 
 def _ramp(e0: float, e1: float, x):
     """Linear 0->1 ramp between e0 and e1 (works for e0 > e1 too)."""
@@ -177,8 +177,12 @@ def _sides(side: str | None) -> tuple[int, ...]:
     return {"right": (-1,), "left": (1,), "bilateral": (-1, 1)}.get(side or "", ())
 
 
-def _render(case: _Case, seed: int, index: int, size: int) -> np.ndarray:
-    """Draw the image of ``case``. Only the finding streams change when a finding is added or removed."""
+def _render(case: _Case, seed: int, index: int, size: int, masks: dict | None = None) -> np.ndarray:
+    """Draw the image of ``case``. Only the finding streams change when a finding is added or removed.
+
+    ``masks``: a dict to fill with the extent of every drawn finding of ``MASK_FINDINGS`` (bool, size x size, image
+    coordinates): where the finding changes what the pixel shows (:func:`_extent`). Asking for masks changes no
+    pixel of the image."""
     rng = np.random.default_rng([seed, index, 2])
     frame, an = _sample_anatomy(rng, case.view, size)
     sev = {f.name: _SEV_INDEX[f.severity] for f in case.findings if f.severity}
@@ -225,8 +229,12 @@ def _render(case: _Case, seed: int, index: int, size: int) -> np.ndarray:
     marks = (0.12 * streak * np.exp(-2.4 * r) * _ramp(0.03, 0.1, r) + 0.05 * np.exp(-np.square(r / 0.09))) * vessel_gain
     marks += 0.012 * _smooth_noise(rng, 40, n_lo)
     fill_lo = np.zeros_like(Xl)
+    low_parts: dict[str, np.ndarray] = {}
     for f in case.findings:
+        before = fill_lo.copy() if masks is not None and f.name in MASK_FINDINGS else None
         _draw_low(f, fill_lo, Xl, Yl, an, f_rng[f.name])
+        if before is not None and (fill_lo != before).any():
+            low_parts[f.name] = _resize((fill_lo - before).astype(np.float32), size)
     marks = _resize(marks.astype(np.float32), size)
     fill = _resize(fill_lo, size) if fill_lo.any() else np.zeros_like(X)
 
@@ -248,11 +256,19 @@ def _render(case: _Case, seed: int, index: int, size: int) -> np.ndarray:
             marks[sl] *= 1.0 - beyond
             fill[sl] = fill[sl] * (1.0 - beyond) + (0.0, 0.12, 0.3)[k] * (side_lung - beyond)   # denser collapsed lung
             air_boost = (sl, (0.12, 0.18, 0.24)[k] * beyond)
+            if masks is not None:
+                masks["pneumothorax"] = np.zeros((size, size), dtype=bool)
+                # below the apex: the lung field's thin strip up the neck is hidden by the mediastinum
+                masks["pneumothorax"][sl] = (beyond > 0.5) & (Ys >= an.apex)
             extra[sl] += (0.07, 0.1, 0.13)[k] * _ramp(2.5 * pxs, 0.0, np.abs(shrunk)) * side_lung * (reach > 0.05)
 
     # full-resolution findings: fluid/collapse fill the air spaces, solid things add density
     for f in case.findings:
+        want = masks is not None and f.name in MASK_FINDINGS and f.name != "pneumothorax"
+        before = (fill.copy(), extra.copy()) if want else None
         _draw_full(f, case, fill, extra, X, Y, lung, d_side, base, frame, an, f_rng[f.name], pxs)
+        if want:
+            masks[f.name] = _extent(fill - before[0] + low_parts.get(f.name, 0.0), extra - before[1], lung)
 
     air = lung * (1.0 - 0.8 * medi) * (1.0 - np.clip(fill, 0.0, 1.0))
     if air_boost:
@@ -291,6 +307,21 @@ def _render(case: _Case, seed: int, index: int, size: int) -> np.ndarray:
     img = (img - an.lo) * (1.0 / (an.hi - an.lo)) + (an.grad_x * X + an.grad_y * Y)
     img += np.random.default_rng([seed, index, 3]).standard_normal((size, size), dtype=np.float32) * an.noise
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# where a finding's drawing counts as the finding: air space filled by at least this much (fluid, collapse,
+# consolidation; the lung field weights it, as the image does), or at least half of its densest added density
+MASK_FILL = 0.1
+MASK_DENSITY = 0.5
+
+
+def _extent(fill_delta: np.ndarray, extra_delta: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """A finding's mask from what it added: filled air space (seen only inside the lung) or added density."""
+    out = fill_delta * lung > MASK_FILL
+    peak = float(extra_delta.max()) if extra_delta.size else 0.0
+    if peak > 0:
+        out |= extra_delta > MASK_DENSITY * peak
+    return out
 
 
 def _draw_low(f: _Finding, fill, X, Y, an: _Anatomy, rng: np.random.Generator) -> None:
