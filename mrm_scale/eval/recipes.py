@@ -159,3 +159,83 @@ def run_images(recipe: Recipe, n_train: int, n_val: int, n_test: int) -> dict:
 def run_flops(images: dict, forward_flops: float) -> float:
     """Matrix-product FLOPs of a run: training images 3 x forward, scored images 1 x."""
     return 3.0 * forward_flops * images["train_images"] + forward_flops * images["eval_images"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentation (launch/segment.py)
+# ----------------------------------------------------------------------------------------------------------------
+SEG_RECIPES = ("default", "mrm-paper")
+# the paper's SIIM-ACR Dice (MRM row) per percent of the labels, for the README and --paper comparisons
+PAPER_SIIM_DICE = {10: 73.2, 100: 91.4}
+# what the paper states of its SIIM setup (the rest of mrm-paper's segmentation schedule is this project's: the
+# original code has no segmentation configs)
+PAPER_SEG_FACTS = ("UPerNet head on ViT-B blocks 4, 6, 8, 12 (indices 3, 5, 7, 11)",
+                   "levels rescaled x4, x2, x1, x0.5 into a pyramid", "512 x 512 input", "focal + Dice loss",
+                   "drop path 0.1")
+
+
+@dataclass(frozen=True)
+class SegRecipe:
+    """Every setting of a segmentation run. ``None``: derived at run time (noted per field)."""
+
+    name: str
+    dataset: str | None = None
+    percent: int | None = None
+    lr: float = 3e-4  # AdamW peak
+    weight_decay: float = 0.05
+    layer_decay: float | None = 0.75  # encoder block lr x decay^(depth + 1 - layer); head and pyramid at lr
+    batch_size: int = 16  # images per optimizer step over all processes
+    steps: int = 1000
+    warmup_steps: int | None = None  # None: steps // 10
+    clip_grad: float | None = 1.0
+    drop_path: float = 0.1
+    loss: str = "dice-focal"  # "dice-focal" | "dice-bce" (MONAI DiceFocalLoss / DiceCELoss, sigmoid)
+    channels: int | None = None  # UPerNet width; None: half the encoder's, 32..512
+    levels: tuple[int, ...] | None = None  # encoder blocks; None: depth x (1/3, 1/2, 2/3, 1)
+    image_size: int | None = None  # crop side = mask resolution; None: the init's high-resolution side
+    sr_scale: int | None = None  # the encoder sees image_size / sr_scale; None: the init's
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # training RandomResizedCrop area range (+ flip)
+    eval_every: int | None = None  # None: steps // 10
+    threshold: float = 0.5  # sigmoid probability above which a pixel is predicted
+    from_paper: tuple[str, ...] = ()
+    overrides: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(self.crop_scale)
+        d["levels"] = list(self.levels) if self.levels else None
+        d["from_paper"] = list(self.from_paper)
+        return d
+
+
+# mrm-paper segmentation schedule per percent: (steps, warm-up, lr) at batch 16 -- this project's choice
+PAPER_SEG_SCHEDULES = {1: (1000, 100, 1e-4), 10: (5000, 500, 1e-4), 100: (20000, 1500, 1e-4)}
+
+
+def seg_recipe(name: str, dataset: str | None, percent: int | None, overrides: dict | None = None) -> SegRecipe:
+    """``default`` (this project's, the init's geometry) or ``mrm-paper`` (the paper's SIIM setup: ViT-B levels
+    3/5/7/11, pyramid, UPerNet, 512 px, focal + Dice, drop path 0.1; schedule ours, layer decay 0.65)."""
+    if name not in SEG_RECIPES:
+        raise DataSetError(f"--recipe {name!r}: unknown; one of {', '.join(SEG_RECIPES)}")
+    if name == "mrm-paper":
+        if percent not in PAPER_SEG_SCHEDULES:
+            raise DataSetError(f"--recipe mrm-paper (segmentation) is defined at 1, 10 and 100 percent of the "
+                               f"labels, not {percent}; give --label-fraction 0.01, 0.1 or 1")
+        steps, warmup, lr = PAPER_SEG_SCHEDULES[percent]
+        recipe = SegRecipe(name="mrm-paper", dataset=dataset, percent=percent, lr=lr, weight_decay=0.05,
+                           layer_decay=0.65, batch_size=16, steps=steps, warmup_steps=warmup, drop_path=0.1,
+                           loss="dice-focal", channels=512, levels=None, image_size=512, sr_scale=1,
+                           eval_every=max(100, steps // 20), from_paper=PAPER_SEG_FACTS)
+    else:
+        recipe = SegRecipe(name="default", dataset=dataset, percent=percent)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(SegRecipe)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"segmentation recipe fields {unknown} do not exist")
+    for k in ("crop_scale", "levels"):
+        if k in given:
+            given[k] = tuple(given[k])
+    changed = {k: v for k, v in given.items() if getattr(recipe, k) != v}
+    return dataclasses.replace(recipe, **given, overrides={k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in changed.items()})
