@@ -196,7 +196,8 @@ class SegRecipe:
     sr_scale: int | None = None  # the encoder sees image_size / sr_scale; None: the init's
     crop_scale: tuple[float, float] = (0.5, 1.0)  # training RandomResizedCrop area range (+ flip)
     eval_every: int | None = None  # None: steps // 10
-    threshold: float = 0.5  # sigmoid probability above which a pixel is predicted
+    threshold: float = 0.5  # sigmoid probability above which a pixel is predicted; 0: chosen on val (auto)
+    balance: float = 0.0  # share of training draws from images with a non-empty mask; 0: a plain shuffle
     from_paper: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
 

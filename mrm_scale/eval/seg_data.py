@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 
@@ -239,10 +240,15 @@ class MaskedDataset(Dataset):
                  crop_scale: tuple[float, float] = (0.5, 1.0)):
         self.data, self.size, self.channels, self.augment, self.seed = data, size, channels, augment, seed
         self.crop_scale = tuple(crop_scale)
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers see each new epoch (and draw new crops)
+        self._epoch = mp.RawValue("i", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = int(epoch)
 
     def __len__(self) -> int:
         return len(self.data)

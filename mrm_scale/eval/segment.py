@@ -24,7 +24,9 @@ Dice over the whole batch. Recipes (:func:`.recipes.seg_recipe`): ``default`` (A
 batch 16, 1,000 steps, the init's geometry) or ``mrm-paper`` (the paper's SIIM setup; the schedule is this
 project's, since the original code has none). Explicit flags override single values.
 
-Metrics (MONAI, on masks at the crop resolution, a pixel predicted when its probability >= ``--threshold``):
+Metrics (MONAI, on masks at the crop resolution, a pixel predicted when its probability >= ``--threshold``, 0.5
+by default; ``auto`` picks it from 0.1 ... 0.5 by val Dice at each validation and scores test with the best
+checkpoint's):
 - ``dice`` / ``iou``: over all pixels of the split (from the summed confusion counts) — the headline figure;
   the best validation ``dice`` chooses the checkpoint;
 - ``dice_per_image`` / ``iou_per_image``: the mean over images, where an image with an empty truth scores 1 when
@@ -63,9 +65,24 @@ from .seg_model import Segmenter, encoder_state, layer_groups, load_encoder
 
 log = logging.getLogger("mrm_scale.eval.segment")
 RECIPE_FLAGS = ("lr", "weight_decay", "layer_decay", "batch_size", "steps", "warmup_steps", "clip_grad", "drop_path",
-                "loss", "channels", "levels", "image_size", "eval_every", "threshold")
+                "loss", "channels", "levels", "image_size", "eval_every", "threshold", "balance")
 DATASETS = ("siim",)
 OVERLAY_LEGEND = "green: truth, red: prediction, yellow: both"
+
+
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)  # the candidates of --threshold auto
+
+
+def _threshold(text: str) -> float:
+    if text == "auto":
+        return 0.0  # the recipe's code for "chosen on validation"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold {text!r}: a probability in (0, 1) or 'auto'") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"--threshold {text!r}: a probability in (0, 1) or 'auto'")
+    return v
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -83,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "checkpoint), or 'random' (with --preset)")
     p.add_argument("--preset", default=None, help="model preset for --init random (default tiny), or the preset "
                    "whose number of heads a weights file has")
+    p.add_argument("--set", dest="model_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="--init random: model config override (repeatable), e.g. --set embed_dim=128")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default=None, help="SIIM-ACR in its official layout")
     d.add_argument("--data-root", default=None, help="--dataset siim: the download's folder (DICOMs below it)")
@@ -119,7 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--levels", type=_levels, default=None, help="encoder blocks, e.g. 3,5,7,11")
     t.add_argument("--image-size", type=int, default=None, help="crop side (= mask resolution)")
     t.add_argument("--eval-every", type=int, default=None, help="score val every N steps (default steps // 10)")
-    t.add_argument("--threshold", type=float, default=None, help="probability above which a pixel is predicted")
+    t.add_argument("--threshold", type=_threshold, default=None,
+                   help="probability above which a pixel is predicted, or 'auto': at each validation the one of "
+                        f"{', '.join(map(str, THRESHOLDS))} with the best val Dice, kept with the best checkpoint "
+                        "for test")
+    t.add_argument("--balance", type=float, default=None,
+                   help="share of each training batch drawn from images with a non-empty mask (sampled with "
+                        "replacement; default 0: a plain shuffle)")
     t.add_argument("--max-steps", type=int, default=None, help="stop early; the schedule stays the recipe's")
     t.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
                    help="bf16 autocast (auto: on CUDA; on a CPU with bf16 matrix units it is faster too)")
@@ -168,8 +193,13 @@ def resolve_init(args, recipe: SegRecipe):
     from mrm_scale.model import get_preset
 
     if args.init == "random":
-        cfg, sd, info = get_preset(args.preset or "tiny"), None, {"init": "random"}
+        from mrm_scale.model.presets import parse_overrides
+
+        cfg = get_preset(args.preset or "tiny", **parse_overrides(args.model_set))
+        sd, info = None, {"init": "random", "set": list(args.model_set)}
     else:
+        if args.model_set:
+            raise ValueError("--set changes the model of --init random; a loaded encoder keeps its own geometry")
         cfg, sd, info = load_encoder_weights(args.init, args.preset)
         info = {"init": os.path.abspath(args.init), **info}
     over = {"report_weight": 0.0, "drop_path": recipe.drop_path}
@@ -235,16 +265,17 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def score(acc, model, loader, n: int, threshold: float, precision: str = "no") -> torch.Tensor:
-    """Per-image rows (n, 6) over a prepared loader, gathered across processes, in dataset order."""
-    out = torch.zeros((n, len(PER_IMAGE)))
+def score(acc, model, loader, n: int, thresholds: tuple[float, ...], precision: str = "no") -> torch.Tensor:
+    """Per-image rows (len(thresholds), n, 6) over a prepared loader, gathered across processes, in dataset
+    order: one set of rows per probability threshold."""
+    out = torch.zeros((len(thresholds), n, len(PER_IMAGE)))
     model.eval()
     for images, masks, idx in loader:
         with autocast(acc.device, precision):
             prob = torch.sigmoid(model(images).float())
-        rows = per_image_scores(prob >= threshold, masks >= 0.5)
-        idx, rows = acc.gather_for_metrics((idx, rows))
-        out[idx.cpu()] = rows.cpu()
+        rows = torch.stack([per_image_scores(prob >= t, masks >= 0.5) for t in thresholds])
+        idx, rows = acc.gather_for_metrics((idx, rows.transpose(0, 1)))
+        out[:, idx.cpu()] = rows.transpose(0, 1).cpu()
     return out
 
 
@@ -276,12 +307,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _loader(ds, batch_size, workers, shuffle=False, seed=0):
-    from torch.utils.data import DataLoader
+def _loader(ds, batch_size, workers, shuffle=False, seed=0, balance: float = 0.0):
+    """``balance`` > 0 (training): draw with replacement, positives (images with a non-empty mask) making up that
+    share of the draws."""
+    from torch.utils.data import DataLoader, WeightedRandomSampler
 
     g = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
-                      drop_last=False)
+    sampler = None
+    if shuffle and balance > 0:
+        pos = torch.from_numpy(ds.data.labels[:, 0] == 1)
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            weights = torch.where(pos, balance / n_pos, (1 - balance) / n_neg).double()
+            sampler, shuffle = WeightedRandomSampler(weights, len(ds), replacement=True, generator=g), False
+    # persistent workers: a small training subset has many short epochs, and restarting workers each costs
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+                      generator=g if sampler is None else None, drop_last=False, persistent_workers=workers > 0)
 
 
 def _fmt(x) -> str:
@@ -339,7 +380,8 @@ def run(args) -> int:
     train_ds = MaskedDataset(train, size, chans, augment=True, seed=args.seed, crop_scale=recipe.crop_scale)
     eval_ds = {name: MaskedDataset(s, size, chans) for name, s in (("val", val), ("test", test))}
     eval_loaders = {name: acc.prepare(_loader(ds, per_process, args.workers)) for name, ds in eval_ds.items()}
-    train_loader = _loader(train_ds, min(per_process, len(train)), args.workers, shuffle=True, seed=args.seed)
+    train_loader = _loader(train_ds, min(per_process, len(train)), args.workers, shuffle=True, seed=args.seed,
+                           balance=recipe.balance)
     opt = torch.optim.AdamW(layer_groups(model, recipe.lr, recipe.weight_decay, recipe.layer_decay), lr=recipe.lr)
     model, opt, train_loader = acc.prepare(model, opt, train_loader)
     loss_fn = make_loss(recipe.loss)
@@ -367,18 +409,23 @@ def run(args) -> int:
 
     history: list[dict] = []
     losses: list[float] = []
-    best: dict = {"dice": None, "step": 0, "state": None, "val": None}
+    auto = not recipe.threshold
+    thresholds = THRESHOLDS if auto else (recipe.threshold,)
+    best: dict = {"dice": None, "step": 0, "state": None, "val": None, "threshold": thresholds[-1]}
     step, epoch = 0, 0
     bar = tqdm(total=stop, desc="segment", disable=quiet)
 
     def evaluate():
-        rows = score(acc, model, eval_loaders["val"], len(val), recipe.threshold, precision)
-        table = summarise_scores(rows)
+        rows = score(acc, model, eval_loaders["val"], len(val), thresholds, precision)
+        tables = [summarise_scores(r) for r in rows]
+        j = max(range(len(tables)), key=lambda k: (tables[k]["dice"], -k))  # ties: the lowest candidate
+        table = {**tables[j], "threshold": thresholds[j]}
         history.append({"step": step, "epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                        **{k: table[k] for k in ("dice", "iou", "dice_per_image", "dice_positive_images")}})
+                        **{k: table[k] for k in ("dice", "iou", "dice_per_image", "dice_positive_images",
+                                                 "threshold")}})
         losses.clear()
         if best["state"] is None or table["dice"] > best["dice"]:
-            best.update(dice=table["dice"], step=step, val=table,
+            best.update(dice=table["dice"], step=step, val=table, threshold=table["threshold"],
                         state={k: v.detach().to("cpu", copy=True)
                                for k, v in acc.unwrap_model(model).state_dict().items()})
             if main_proc:
@@ -388,10 +435,11 @@ def run(args) -> int:
             for k in ("dice", "iou", "dice_per_image"):
                 writer.add_scalar(f"val/{k}", table[k], step)
             if picks:
-                draw_overlays(writer, acc.unwrap_model(model), eval_ds["val"], picks, recipe.threshold, step,
+                draw_overlays(writer, acc.unwrap_model(model), eval_ds["val"], picks, table["threshold"], step,
                               acc.device)
             bar.write(f"step {step} (epoch {epoch}): train loss {_fmt(history[-1]['train_loss'])}, val Dice "
-                      f"{table['dice']:.4f} (IoU {table['iou']:.4f}, per image {table['dice_per_image']:.4f}, "
+                      f"{table['dice']:.4f}" + (f" at threshold {table['threshold']:g}" if auto else "")
+                      + f" (IoU {table['iou']:.4f}, per image {table['dice_per_image']:.4f}, "
                       f"positive images {_fmt(table['dice_positive_images'])})")
         model.train()
 
@@ -425,8 +473,8 @@ def run(args) -> int:
         evaluate()
     bar.close()
     acc.unwrap_model(model).load_state_dict(best["state"])
-    test_rows = score(acc, model, eval_loaders["test"], len(test), recipe.threshold, precision)
-    test_table = summarise_scores(test_rows)
+    test_rows = score(acc, model, eval_loaders["test"], len(test), (best["threshold"],), precision)[0]
+    test_table = {**summarise_scores(test_rows), "threshold": best["threshold"]}
 
     results = {
         "task": "segment", "recipe": recipe.to_dict(), "dataset": data_info.get("dataset"),
@@ -437,7 +485,7 @@ def run(args) -> int:
                   "channels": acc.unwrap_model(model).channels, "head": "UPerNet on a x4/x2/x1/x0.5 pyramid"},
         "metric_notes": {"dice": "over all pixels of the split", "dice_per_image": "mean over images; an empty "
                          "truth scores 1 with an empty prediction, else 0", "resolution": f"{size} px crops",
-                         "threshold": recipe.threshold},
+                         "threshold": best["threshold"], "threshold_chosen_on_val": auto},
         "data": {"source": data_info,
                  **{k: {"source": s.name, "samples": len(s), "positive": s.positives_count(), "skipped": len(s.skipped)}
                     for k, s in sets.items()}, "skipped_file": SKIPPED_FILE},

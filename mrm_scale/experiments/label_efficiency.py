@@ -64,6 +64,9 @@ SMOKE = dict(records=96, synthetic_size=128, image_size=128, val_fraction=0.34, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=["label-efficiency"], help="which experiment")
     p.add_argument("--out", required=True, help="experiment folder (corpus, runs, exports, results)")
+    p.add_argument("--task", choices=("classify", "segment"), default="classify",
+                   help="classify: linear probe, test mean AUC; segment: UPerNet on synthetic pneumothorax masks, "
+                        "test Dice (mrm_scale.experiments.seg_efficiency)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a couple of minutes (CI)")
     p.add_argument("--records", type=int, default=None, help=f"synthetic records (default {FULL['records']})")
     p.add_argument("--synthetic-size", type=int, default=None, help="stored image side of the corpus")
@@ -84,6 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _settings(args) -> dict:
     base = dict(SMOKE if args.smoke else FULL)
+    base["task"] = getattr(args, "task", "classify")
+    if base["task"] == "segment":
+        from .seg_efficiency import SEG_FULL, SEG_SMOKE
+
+        base.update(SEG_SMOKE if args.smoke else SEG_FULL)
     for k in ("records", "synthetic_size", "image_size", "steps", "micro_batch", "lr", "seeds", "fractions",
               "probe_epochs", "model_set"):
         v = getattr(args, k, None)
@@ -105,7 +113,7 @@ def prepare_corpus(out: str, s: dict) -> str:
     res = run_prep(PrepOptions(source="synthetic", out=shards, num=s["records"], seed=0,
                                synthetic_size=s["synthetic_size"], shard_size=s["shard_size"],
                                val_fraction=s["val_fraction"], workers=min(4, os.cpu_count() or 1),
-                               progress=False))
+                               masks=bool(s.get("masks")), progress=False))
     del res
     return shards
 
@@ -295,19 +303,14 @@ def plot(path: str, results: dict) -> None:
     plt.close(fig)
 
 
-def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
+def pretrain_and_export(out: str, shards: str, s: dict) -> dict:
+    """Both pretrainings for every seed (:func:`pretrain_arms`), each exported to ``out/exports/ARM-sSEED``:
+    ``{arm: {"runs": {seed: {run_dir, wall_s, export, step, final_losses}}, "train_gflops_per_sample", "wall_s"}}``."""
+    from mrm_scale.eval.export import export
     from mrm_scale.model import get_preset
+    from mrm_scale.model.flops import formula_training_flops
     from mrm_scale.model.presets import parse_overrides
 
-    from mrm_scale.eval.datasets import draw_subset, shard_set, split_for_test, write_subset
-    from mrm_scale.eval.export import export
-    from mrm_scale.eval.loading import load_encoder_weights
-    from mrm_scale.eval.probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
-
-    t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    shards = prepare_corpus(out, s)
-    prep_s = time.time() - t0
     pre: dict = {arm: {"runs": {}} for arm in ("mrm", "mae")}
     for (arm, seed), info in pretrain_arms(out, shards, s).items():
         name = f"{arm}-s{seed}"
@@ -316,9 +319,6 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
         pre[arm]["runs"][str(seed)] = {**info, "export": exp_dir, "step": meta["source"]["step"],
                                        "final_losses": meta["final_losses"]}
         print(f"[experiment] {name}: exported to {exp_dir}; final losses {meta['final_losses']}", flush=True)
-
-    from mrm_scale.model.flops import formula_training_flops
-
     vocab = TokenizerIdentity.from_dict(read_manifest(shards)["tokenizer"], shards).vocab_size
     for arm in pre:
         arm_cfg = get_preset("tiny", img_size=s["image_size"], report_weight=1.0 if arm == "mrm" else 0.0,
@@ -326,6 +326,22 @@ def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
         pre[arm]["train_gflops_per_sample"] = round(formula_training_flops(arm_cfg, vocab_size=vocab)["total"] / 1e9, 4)
         walls = [r["wall_s"] for r in pre[arm]["runs"].values()]
         pre[arm]["wall_s"] = None if None in walls else round(sum(walls), 1)
+    return pre
+
+
+def run_experiment(out: str, s: dict, workers: int = 2) -> dict:
+    from mrm_scale.model import get_preset
+    from mrm_scale.model.presets import parse_overrides
+
+    from mrm_scale.eval.datasets import draw_subset, shard_set, split_for_test, write_subset
+    from mrm_scale.eval.loading import load_encoder_weights
+    from mrm_scale.eval.probe import Classifier, apply_head, auc_table, fit_linear_probe, init_encoder_weights
+
+    t0 = time.time()
+    os.makedirs(out, exist_ok=True)
+    shards = prepare_corpus(out, s)
+    prep_s = time.time() - t0
+    pre = pretrain_and_export(out, shards, s)
     for seed, r in pre["mrm"]["runs"].items():
         r["image_use"] = report_image_use(r["export"], shards, s["image_size"])
         print(f"[experiment] mrm-s{seed} report head on val: image gain {r['image_use']['image_gain']:+.4f} "
@@ -402,7 +418,12 @@ def run(args: argparse.Namespace) -> int:
         from mrm_scale.model.presets import parse_overrides
 
         get_preset("tiny", img_size=s["image_size"], **parse_overrides(s["model_set"]))  # bad --set: before compute
-        run_experiment(os.path.abspath(args.out), s, workers=args.workers)
+        if s["task"] == "segment":
+            from .seg_efficiency import run_experiment as run_segment
+
+            run_segment(os.path.abspath(args.out), s, workers=args.workers)
+        else:
+            run_experiment(os.path.abspath(args.out), s, workers=args.workers)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
