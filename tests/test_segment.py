@@ -280,3 +280,20 @@ def test_segmentation_data_parallel_over_two_processes(mask_shards, tmp_path):
     assert res["hyper"]["processes"] == 2 and res["hyper"]["per_process_batch"] == 4
     assert res["val"]["images"] == 51 and res["test"]["images"] == 50   # every image scored once (101 val split)
     assert len((out / "test_per_image.tsv").read_text().splitlines()) == 51
+
+
+def test_segmentation_recipes_state_the_papers_setup_and_refuse_bad_values():
+    from mrm_scale.eval.datasets import DataSetError
+    from mrm_scale.eval.recipes import PAPER_SEG_FACTS, seg_recipe
+    from mrm_scale.eval.seg_model import default_levels
+
+    r = seg_recipe("mrm-paper", "siim", 10)
+    assert (r.image_size, r.sr_scale, r.loss, r.drop_path, r.channels) == (512, 1, "dice-focal", 0.1, 512)
+    assert default_levels(12) == (3, 5, 7, 11) and r.from_paper == PAPER_SEG_FACTS
+    assert (seg_recipe("mrm-paper", "siim", 100).steps, seg_recipe("mrm-paper", "siim", 1).steps) == (20000, 1000)
+    with pytest.raises(DataSetError, match="1, 10 and 100 percent"):
+        seg_recipe("mrm-paper", "siim", 5)
+    with pytest.raises(DataSetError, match="--balance 1.5"):
+        seg_recipe("default", None, 100, {"balance": 1.5})
+    over = seg_recipe("default", None, 100, {"steps": 7, "levels": [0, 1, 1, 1]})
+    assert over.overrides == {"steps": 7, "levels": [0, 1, 1, 1]} and over.levels == (0, 1, 1, 1)

@@ -160,8 +160,12 @@ def _encode_candidate(args: tuple[Candidate, int, int, bool]):
             jpeg, stored = prepare_image(img, c.origin, max_side, quality)
             extra = {}
             if masks:
-                extra = {"seg": pack_masks(record.masks, synthetic.MASK_FINDINGS, size=stored),
-                         "masks": sorted(k for k, m in record.masks.items() if m.any())}
+                from .masks import unpack_mask
+
+                seg = pack_masks(record.masks, synthetic.MASK_FINDINGS, size=stored)
+                # the classes whose stored (resized) mask is not empty: what a reader of the shard will find
+                extra = {"seg": seg, "masks": [k for b, k in enumerate(synthetic.MASK_FINDINGS)
+                                               if k in record.masks and unpack_mask(seg, b).any()]}
             return c.key, jpeg, img.size, stored, extra
         enc = load_and_encode(c.image, max_side, quality)
         return c.key, enc.jpeg, enc.orig_size, enc.size, enc.meta

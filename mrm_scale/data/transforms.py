@@ -119,7 +119,8 @@ def crop_resize_mask(mask: np.ndarray, box: tuple[int, int, int, int, bool], siz
 
 
 def crop_resize(im: Image.Image, key: str, size: int, augment: bool, seed: int, epoch: int,
-                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+                scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
+                draft: bool = True) -> np.ndarray:
     """An opened (possibly not yet decoded) image -> uint8 (size, size) gray crop.
 
     Train (``augment``): RandomResizedCrop with ``scale``/``ratio`` + horizontal flip, drawn from (seed, epoch,
@@ -129,12 +130,13 @@ def crop_resize(im: Image.Image, key: str, size: int, augment: bool, seed: int, 
     crop keeps at least ``DRAFT_GAP`` times the output size, as PIL's own ``reducing_gap`` does. Normalising to
     float happens once per batch in the main process (:func:`normalise_gray`). 16-bit and float images (PNG/TIFF
     exports of DICOMs) are windowed to 8 bits first (:func:`to_grayscale`), as prep does; a DICOM is read by
-    :func:`mrm_scale.data.images.read_dicom` and passed in already windowed.
+    :func:`mrm_scale.data.images.read_dicom` and passed in already windowed. ``draft=False`` decodes at full
+    size, so the crop is exactly :func:`crop_box`'s (a mask cut with that box lines up to the pixel).
     """
     width, height = im.size
     x, y, w, h, flip = crop_box(width, height, key, augment, seed, epoch, scale, ratio)
     red = 1
-    while red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
+    while draft and red < 8 and min(w, h) >= 2 * red * DRAFT_GAP * size:
         red *= 2
     if red > 1 and im.format == "JPEG":
         im.draft("L", ((width + red - 1) // red, (height + red - 1) // red))

@@ -237,6 +237,10 @@ def seg_recipe(name: str, dataset: str | None, percent: int | None, overrides: d
     for k in ("crop_scale", "levels"):
         if k in given:
             given[k] = tuple(given[k])
+    if not 0 <= given.get("balance", 0.0) <= 1:
+        raise DataSetError(f"--balance {given['balance']}: a share of the training draws, between 0 and 1")
+    if not 0 <= given.get("threshold", 0.5) < 1:
+        raise DataSetError(f"--threshold {given['threshold']}: a probability in (0, 1), or auto")
     changed = {k: v for k, v in given.items() if getattr(recipe, k) != v}
     return dataclasses.replace(recipe, **given, overrides={k: list(v) if isinstance(v, tuple) else v
                                                             for k, v in changed.items()})

@@ -11,8 +11,9 @@ plus a reference to each sample's mask:
   ``train-rle.csv`` (:mod:`mrm_scale.data.masks`: ``-1`` = no pneumothorax, several rows unioned), the paper's id
   lists ``train_10.txt`` / ``train_list.txt`` / ``val_list.txt`` / ``test_list.txt`` (one ImageId per line; 1%:
   a seeded stratified subset of ``train_list.txt``, as the paper reports 10% and 100% only). An id whose DICOM is
-  missing or unreadable, or that has no row in the mask table, is skipped, counted and named
-  (``skipped_images.txt``), never dropped silently.
+  missing or has an unreadable header, or that has no row in the mask table, is skipped, counted and named
+  (``skipped_images.txt``), never dropped silently; a DICOM whose pixel data then fails to decode stops the run
+  with an error naming it. A mask whose runs do not fit the DICOM's size is an error naming the image.
 
   The official lists overlap: of the 1,904 test ids, 494 are in ``train_list.txt``, 49 in ``train_10.txt`` and
   124 in ``val_list.txt`` (and 478 train ids are in val). :func:`siim_sets` uses them as given (the paper's
@@ -114,8 +115,10 @@ def shard_masked_set(shards: str, split: str, mask_class: str = "pneumothorax") 
         with open(tar, "rb") as f:
             for key, members in sf.read_index(idx):
                 at = {ext: (offset, n) for ext, offset, n in members}
-                if sf.MASK_MEMBER not in at or "jpg" not in at:
-                    raise DataSetError(f"{idx}: sample {key} has no {sf.MASK_MEMBER}; re-run prep with --masks")
+                lacking = [m for m in ("jpg", "json", sf.MASK_MEMBER) if m not in at]
+                if lacking:
+                    raise DataSetError(f"{idx}: sample {key} has no {', '.join(lacking)}; run `mrm-scale verify "
+                                       f"{shards}`" + (" and prepare with --masks" if sf.MASK_MEMBER in lacking else ""))
                 f.seek(at["json"][0])
                 meta = json.loads(f.read(at["json"][1]))
                 keys.append(key)
@@ -271,7 +274,7 @@ class MaskedDataset(Dataset):
             im = self._open(i)
             width, height = im.size
             box = crop_box(width, height, key, self.augment, self.seed, self.epoch, self.crop_scale)
-            arr = crop_resize(im, key, self.size, self.augment, self.seed, self.epoch, self.crop_scale)
+            arr = crop_resize(im, key, self.size, self.augment, self.seed, self.epoch, self.crop_scale, draft=False)
             mask = crop_resize_mask(self.data.mask(i, height, width), box, self.size)
         except (DataSetError, MaskError):
             raise

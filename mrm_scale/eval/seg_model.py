@@ -3,8 +3,10 @@
 - **Encoder**: timm's ``VisionTransformer`` of the init's architecture (:func:`~.timm_interop.timm_spec`, at the
   encoder input size, stochastic depth ``drop_path``), loaded with the same loader as fine-tuning
   (:func:`mrm_scale.model.weights.load_image_encoder`: position table resampled when the grid differs; every key
-  must be there). A random init is this project's MAE-style init (2-D sin-cos positions), the start of
-  pretraining. The image is downsampled to the encoder input first (as in pretraining and fine-tuning).
+  the segmenter uses must be there). What the levels do not use (the final norm, blocks after the last level) is
+  pruned with timm's ``prune_intermediate_layers``, so a weights file's ``norm.*`` is reported unused. A random
+  init is this project's MAE-style init (2-D sin-cos positions), the start of pretraining. The image is
+  downsampled to the encoder input first (as in pretraining and fine-tuning).
 - **Levels**: the token maps of four blocks through timm's ``forward_intermediates`` (no final norm), by default
   at depth x (1/3, 1/2, 2/3, 1) — blocks 4, 6, 8, 12 (indices 3, 5, 7, 11) of a 12-block ViT-B, as the paper.
 - **Pyramid**: rescaled x4 (two 2x2 transposed convolutions with a norm and GELU between), x2 (one), x1, x0.5

@@ -244,13 +244,14 @@ def summarise_scores(rows: torch.Tensor) -> dict:
     from monai.metrics import compute_confusion_matrix_metric
 
     total = rows[:, 2:6].sum(0)
+    nothing = float(total[0] + total[1] + total[3]) == 0  # no mask pixel and none predicted: 1, as per image
     truth_px = rows[:, 2] + rows[:, 5]
     pred_px = rows[:, 2] + rows[:, 3]
     positive = truth_px > 0
     empty = ~positive
     return {
-        "dice": float(compute_confusion_matrix_metric("f1 score", total)),
-        "iou": float(compute_confusion_matrix_metric("threat score", total)),
+        "dice": 1.0 if nothing else float(compute_confusion_matrix_metric("f1 score", total)),
+        "iou": 1.0 if nothing else float(compute_confusion_matrix_metric("threat score", total)),
         "dice_per_image": float(rows[:, 0].mean()), "iou_per_image": float(rows[:, 1].mean()),
         "dice_positive_images": float(rows[positive, 0].mean()) if bool(positive.any()) else None,
         "images": int(rows.shape[0]), "positive_images": int(positive.sum()), "empty_images": int(empty.sum()),
@@ -320,6 +321,9 @@ def _loader(ds, batch_size, workers, shuffle=False, seed=0, balance: float = 0.0
         if n_pos and n_neg:
             weights = torch.where(pos, balance / n_pos, (1 - balance) / n_neg).double()
             sampler, shuffle = WeightedRandomSampler(weights, len(ds), replacement=True, generator=g), False
+        else:
+            log.warning("--balance %g: the training images are all %s; a plain shuffle instead", balance,
+                        "empty" if not n_pos else "positive")
     # persistent workers: a small training subset has many short epochs, and restarting workers each costs
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                       generator=g if sampler is None else None, drop_last=False, persistent_workers=workers > 0)
@@ -446,7 +450,7 @@ def run(args) -> int:
     model.train()
     while step < stop:
         epoch += 1
-        train_ds.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # accelerate's loader passes it on to the dataset (new crops each epoch)
         for images, masks, _ in train_loader:
             if step >= stop:
                 break
