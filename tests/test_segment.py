@@ -297,3 +297,26 @@ def test_segmentation_recipes_state_the_papers_setup_and_refuse_bad_values():
         seg_recipe("default", None, 100, {"balance": 1.5})
     over = seg_recipe("default", None, 100, {"steps": 7, "levels": [0, 1, 1, 1]})
     assert over.overrides == {"steps": 7, "levels": [0, 1, 1, 1]} and over.levels == (0, 1, 1, 1)
+
+
+@pytest.mark.slow
+def test_segmentation_experiment_smoke(tmp_path):
+    """The experiment end to end at smoke size: both pretrainings per seed, each arm segmented at each fraction, the
+    pretrained arms from their exports and `none` from the seed's random init, a table and overlays per run."""
+    p = subprocess.run([sys.executable, "-m", "mrm_scale.cli", "experiment", "label-efficiency", "--task", "segment",
+                        "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["task"] == "segment" and res["mask_class"] == "pneumothorax" and set(res["arms"]) == {"mrm", "mae", "none"}
+    for name, arm in res["arms"].items():
+        for frac in res["settings"]["fractions"]:
+            cell = arm["fractions"][f"{frac:g}"]
+            assert [r["seed"] for r in cell["runs"]] == [0, 1] and cell["test_dice"]["n"] == 2
+            assert all(0 <= r["test_dice"] <= 1 and r["train_positive"] >= 1 for r in cell["runs"])
+            one = json.loads((tmp_path / "seg" / f"{name}-s0-f{frac:g}" / "results.json").read_text())
+            assert one["init"]["init"] == ("random" if name == "none" else str(tmp_path / "exports" / f"{name}-s0"))
+            assert one["recipe"]["balance"] == 0.5 and one["metric_notes"]["threshold_chosen_on_val"]
+            assert "val/overlay" in _tb_images(tmp_path / "seg" / f"{name}-s0-f{frac:g}" / "tb")
+    table = (tmp_path / "results.md").read_text()
+    assert "| none (random init) |" in table and "test Dice (all pixels)" in table
+    assert (tmp_path / "dice_vs_fraction.png").stat().st_size > 1000
