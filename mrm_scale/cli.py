@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mrm_scale.eval.export", "export a checkpoint: timm image encoder, transformers report model, model card"),
     "eval": ("mrm_scale.eval.tables",
              "fine-tuning results -> the paper's table (eval table); the paper's recipes and their cost (eval recipes)"),
-    "experiment": ("mrm_scale.experiments.label_efficiency",
-                   "experiments: label-efficiency (MRM vs image-only MAE vs random init)"),
+    "experiment": ("mrm_scale.experiments.cli",
+                   "experiments: label-efficiency (MRM vs image-only MAE vs random init; --task classify|segment)"),
 }
 
 
