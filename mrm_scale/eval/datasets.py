@@ -100,15 +100,17 @@ def default_classes(label_dicts: list[dict]) -> list[str]:
     return sorted(seen)
 
 
-def shard_set(shards: str, split: str, classes: list[str] | None = None) -> LabelledSet:
-    """Index split ``split`` of a shard folder (every sample, labels from ``KEY.json``)."""
-    manifest = sf.read_manifest(shards)
+def indexed_samples(shards: str, split: str, need: tuple[str, ...] = ("jpg", "json"), manifest: dict | None = None):
+    """Every sample of split ``split`` through the DALI index files: ``(tar path, key, {ext: (offset, size)},
+    metadata from KEY.json)`` in shard order. A missing split, tar or index, or a sample without a member of
+    ``need``, is an error naming it (with ``mrm-scale verify`` as the way to find more)."""
+    manifest = manifest if manifest is not None else sf.read_manifest(shards)
     where = os.path.join(shards, sf.MANIFEST)
     entries = manifest["splits"].get(split, {}).get("shards") or []
     if not entries:
         have = ", ".join(k for k, v in manifest["splits"].items() if v.get("shards")) or "none"
         raise DataSetError(f"{where}: no {split!r} split (splits with shards: {have})")
-    keys, locations, metas = [], [], []
+    need = tuple(dict.fromkeys(("json", *need)))
     for e in entries:
         tar = os.path.join(shards, e["tar"])
         idx = os.path.join(shards, e.get("idx") or sf.index_name(e["tar"]))
@@ -117,14 +119,23 @@ def shard_set(shards: str, split: str, classes: list[str] | None = None) -> Labe
                 raise DataSetError(f"{p}: listed in {where} but missing; run `mrm-scale verify {shards}`")
         with open(tar, "rb") as f:
             for key, members in sf.read_index(idx):
-                where_of = {ext: (offset, n) for ext, offset, n in members}
-                if "jpg" not in where_of or "json" not in where_of:
-                    raise DataSetError(f"{idx}: a sample lacks jpg/json members; run `mrm-scale verify {shards}`")
-                joff, jsize = where_of["json"]
-                f.seek(joff)
-                metas.append(json.loads(f.read(jsize)))
-                keys.append(key)
-                locations.append((tar, *where_of["jpg"]))
+                at = {ext: (offset, n) for ext, offset, n in members}
+                lacking = [m for m in need if m not in at]
+                if lacking:
+                    raise DataSetError(f"{idx}: sample {key} has no {', '.join(lacking)}; run `mrm-scale verify "
+                                       f"{shards}`" + (" and prepare with --masks" if sf.MASK_MEMBER in lacking else ""))
+                f.seek(at["json"][0])
+                yield tar, key, at, json.loads(f.read(at["json"][1]))
+
+
+def shard_set(shards: str, split: str, classes: list[str] | None = None) -> LabelledSet:
+    """Index split ``split`` of a shard folder (every sample, labels from ``KEY.json``)."""
+    where = os.path.join(shards, sf.MANIFEST)
+    keys, locations, metas = [], [], []
+    for tar, key, at, meta in indexed_samples(shards, split):
+        metas.append(meta)
+        keys.append(key)
+        locations.append((tar, *at["jpg"]))
     dicts = [m.get("labels") or {} for m in metas]
     if classes is None:
         classes = default_classes(dicts)

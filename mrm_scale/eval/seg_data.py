@@ -26,7 +26,6 @@ a mask takes exactly the image's crop and flip (:func:`~mrm_scale.data.transform
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -40,7 +39,7 @@ from mrm_scale.data.masks import MaskError, read_rle_csv, union_rle, unpack_mask
 from mrm_scale.data.transforms import crop_box, crop_resize, crop_resize_mask, normalise_gray
 from mrm_scale.formats import shards as sf
 
-from .datasets import DataSetError, LabelledSet, _header_problem
+from .datasets import DataSetError, LabelledSet, _header_problem, indexed_samples
 
 log = logging.getLogger("mrm_scale.eval.seg_data")
 
@@ -102,29 +101,12 @@ def shard_masked_set(shards: str, split: str, mask_class: str = "pneumothorax") 
     if mask_class not in classes:
         raise DataSetError(f"--mask-class {mask_class!r}: the shards' masks are {classes}")
     bit = classes.index(mask_class)
-    entries = manifest["splits"].get(split, {}).get("shards") or []
-    if not entries:
-        raise DataSetError(f"{where}: no {split!r} split with shards")
     keys, locations, masks, present = [], [], [], []
-    for e in entries:
-        tar = os.path.join(shards, e["tar"])
-        idx = os.path.join(shards, e.get("idx") or sf.index_name(e["tar"]))
-        for p in (tar, idx):
-            if not os.path.isfile(p):
-                raise DataSetError(f"{p}: listed in {where} but missing; run `mrm-scale verify {shards}`")
-        with open(tar, "rb") as f:
-            for key, members in sf.read_index(idx):
-                at = {ext: (offset, n) for ext, offset, n in members}
-                lacking = [m for m in ("jpg", "json", sf.MASK_MEMBER) if m not in at]
-                if lacking:
-                    raise DataSetError(f"{idx}: sample {key} has no {', '.join(lacking)}; run `mrm-scale verify "
-                                       f"{shards}`" + (" and prepare with --masks" if sf.MASK_MEMBER in lacking else ""))
-                f.seek(at["json"][0])
-                meta = json.loads(f.read(at["json"][1]))
-                keys.append(key)
-                locations.append((tar, *at["jpg"]))
-                masks.append(("bits", (tar, *at[sf.MASK_MEMBER]), bit))
-                present.append(mask_class in (meta.get("masks") or []))
+    for tar, key, at, meta in indexed_samples(shards, split, ("jpg", "json", sf.MASK_MEMBER), manifest):
+        keys.append(key)
+        locations.append((tar, *at["jpg"]))
+        masks.append(("bits", (tar, *at[sf.MASK_MEMBER]), bit))
+        present.append(mask_class in (meta.get("masks") or []))
     labels = np.asarray(present, dtype=np.float32)[:, None]
     return MaskedSet(f"{shards}:{split}", keys, labels, [mask_class], locations, [], masks, mask_class)
 
