@@ -41,6 +41,11 @@ Resume
     in turn, not the order an uninterrupted run would have used. ``dali`` refuses a mid-epoch re-split (its
     reader position lives in DALI's own checkpoint), naming the world size to resume with.
 
+Mixing
+    ``cfg.mix`` (a list of ``{name, path, weight}``, :func:`mrm_scale.data.mixing.parse_mix`) reads several shard
+    sets as one weighted stream, each source with its own loader of the chosen backend: the per-source shares,
+    the epoch of a mix, resume and the tokenizer check are in :mod:`mrm_scale.data.mixing`.
+
 Workers
     ``loader.close()`` stops worker processes / pipelines kept between iterations (``wds`` keeps its workers
     across epochs, running ahead into the next one); the position is kept, so iterating again continues.
@@ -77,6 +82,15 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: d
     (this rank's own) or ``states`` (every rank's of the saved run, any world size: see "Resume")."""
     if cfg.backend not in BACKENDS:
         raise LoaderError(f"backend={cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if cfg.mix:  # several shard sets, weighted: one loader per source under a mixer (mrm_scale.data.mixing)
+        from mrm_scale.data.mixing import MixedLoader
+
+        loader = MixedLoader(cfg, rank, world_size, build_loader)
+        if states:
+            loader.resume_from(states)
+        elif state:
+            loader.load_state_dict(state)
+        return loader
     shardset = resolve_shards(cfg)
     check_config(cfg, shardset, rank, world_size)
     if cfg.backend == "dali":

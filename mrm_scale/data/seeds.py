@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 
 # purpose tags, so that streams never share seeds
-TAG_SHARD_ORDER, TAG_DALI_READER, TAG_DALI_PIPE, TAG_WDS_SHUFFLE, TAG_AUGMENT, TAG_RESAMPLE = range(1, 7)
+TAG_SHARD_ORDER, TAG_DALI_READER, TAG_DALI_PIPE, TAG_WDS_SHUFFLE, TAG_AUGMENT, TAG_RESAMPLE, TAG_MIX = range(1, 8)
 
 
 def seed_for(*parts: int) -> int:

@@ -64,6 +64,7 @@ class LoaderConfig:
     pin_memory: bool = False
     mp_context: str | None = None  # wds worker start method (None: torch default)
     buffer_ring: bool = True  # wds: workers reuse shared-memory batch buffers (False: a fresh one per batch)
+    mix: list[dict] | None = None  # weighted shard sets [{name, path, weight}] (mixing.parse_mix); shards unused
 
     @property
     def do_augment(self) -> bool:

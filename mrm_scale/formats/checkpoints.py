@@ -74,6 +74,15 @@ class CompleteRecord:
     files: dict = field(default_factory=dict)  # every file DeepSpeed wrote into the tag: name -> size in bytes
     loader: list = field(default_factory=list)  # every rank's loader state (the data position), rank order
 
+    @property
+    def samples_by_source(self) -> dict[str, int]:
+        """Samples drawn per source over all ranks, for a mixed run (its loader states' ``drawn``), else {}."""
+        out: dict[str, int] = {}
+        for st in self.loader:
+            for name, n in ((st.get("drawn") or {}) if isinstance(st, dict) else {}).items():
+                out[name] = out.get(name, 0) + int(n)
+        return out
+
     def check_files(self, tag_path: str) -> list[str]:
         """What is wrong with the tag's files against what was recorded at save time: one line per missing or
         resized file (empty when all is well, or when the record predates size records)."""

@@ -71,6 +71,7 @@ class RunRecord:
     tokenizer: TokenizerIdentity
     shards: str  # absolute path of the shard folder
     loader: dict = field(default_factory=dict)  # LoaderConfig of the training split
+    mix: list = field(default_factory=list)  # weighted shard sets [{name, path, weight}] of a mixed run, else []
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -91,7 +92,8 @@ class RunRecord:
             raise RunRecordError(str(e)) from None
         return cls(args=dict(d.get("args") or {}), derived=dict(d.get("derived") or {}), model=dict(d["model"]),
                    ds_config=dict(d.get("ds_config") or {}), world_size=int(d.get("world_size") or 1),
-                   tokenizer=tok, shards=d.get("shards") or "", loader=dict(d.get("loader") or {}))
+                   tokenizer=tok, shards=d.get("shards") or "", loader=dict(d.get("loader") or {}),
+                   mix=list(d.get("mix") or []))
 
     def write(self, run_dir: str) -> str:
         path = os.path.join(run_dir, RUN_CONFIG)

@@ -74,7 +74,8 @@ def inspect_run(run: str, nproc: int | None = None, ds_json: str | None = None) 
                 rec = layout.CompleteRecord.read(path)
                 row.update(world_size=rec.world_size, zero_stage=rec.zero_stage, offload=rec.offload,
                            damaged=rec.check_files(path),
-                           data=(rec.loader[0].get("epoch"), rec.loader[0].get("batch")) if rec.loader else None)
+                           data=(rec.loader[0].get("epoch"), rec.loader[0].get("batch")) if rec.loader else None,
+                           samples_by_source=rec.samples_by_source)
             except layout.CheckpointLayoutError as e:
                 row.update(damaged=[str(e)])
         rows.append(row)
@@ -109,7 +110,7 @@ def _data_note(rec: layout.CompleteRecord, world: int) -> str:
     epoch, batch = st.get("epoch"), st.get("batch")
     if not batch or world == rec.world_size:
         return f"; data continues at epoch {epoch}, batch {batch}"
-    if st.get("backend") == "dali":
+    if st.get("backend") in ("dali", "mix/dali"):
         return (f"; but its DALI data position is mid-epoch (epoch {epoch}, batch {batch}) and cannot be re-split "
                 f"over {world} ranks: the resume is refused before compute (resume with {rec.world_size} ranks)")
     return f"; the rest of epoch {epoch} is re-split over {world} ranks"
@@ -126,6 +127,8 @@ def _table(report: dict) -> str:
             notes.append("DAMAGED: " + "; ".join(r["damaged"]))
         if r.get("data"):
             notes.append(f"data at epoch {r['data'][0]}, batch {r['data'][1]}")
+        if r.get("samples_by_source"):
+            notes.append("samples " + ", ".join(f"{k} {v}" for k, v in r["samples_by_source"].items()))
         off = r.get("offload")
         lines.append(f"  {r['tag']:<14} {r['step']:>8} {r.get('world_size', '?'):>5} {r.get('zero_stage', '?')!s:>4} "
                      f"{'-' if off is None else ('on' if off else 'off'):>7} {'yes' if r['complete'] else 'NO':>8} "

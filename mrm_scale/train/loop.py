@@ -226,6 +226,7 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
             if log_now:  # the same steps on every rank: the mean is a collective
                 logged = _mean_over_ranks(values, tuple(sums), run.device, run.world_size)
                 metrics.step(step, max_steps, logged, global_batch, seconds, stream.wait, console=True)
+                metrics.mix(step, getattr(loader, "drawn", None), run.world_size)
             if args.vis_every and (step % args.vis_every == 0 or step == max_steps):
                 metrics.visualise(step, run.model_cfg, batch, out, decode)
             if probe.active and ((args.vis_every and step % args.vis_every == 0) or step == max_steps):
@@ -249,10 +250,14 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
     digest = param_digest(engine)
     if trace:
         trace.write(json.dumps({"final": True, "step": step, "param_sha256": digest, "world_size": run.world_size,
-                                "skipped_samples": getattr(loader, "skipped", 0)}) + "\n")
+                                "skipped_samples": getattr(loader, "skipped", 0),
+                                **({"drawn": loader.drawn} if getattr(loader, "drawn", None) else {})}) + "\n")
         trace.close()
     if run.is_main and summary_line(image_use):
         print(summary_line(image_use), flush=True)
+    if run.is_main and getattr(loader, "drawn", None):
+        print("samples per source (all ranks): " + ", ".join(f"{k} {v * run.world_size}" for k, v in
+                                                             loader.drawn.items()), flush=True)
     if run.is_main:
         print(f"done: {step} steps. Checkpoints: {run.ckpt_dir}  TensorBoard: tensorboard --logdir "
               f"{tb_dir(run.run_dir)}", flush=True)

@@ -110,6 +110,16 @@ class Metrics:
             if res.get(key) is not None:
                 self.writer.add_scalar(f"report/{key}", float(res[key]), step)
 
+    def mix(self, step: int, drawn: dict[str, int], world_size: int) -> None:
+        """Samples drawn per source of a mixed run, over all ranks (every rank draws the same counts):
+        ``data/samples/<name>`` and ``data/share/<name>``."""
+        if self.rank != 0 or not drawn:
+            return
+        total = sum(drawn.values()) or 1
+        for name, n in drawn.items():
+            self.writer.add_scalar(f"data/samples/{name}", n * world_size, step)
+            self.writer.add_scalar(f"data/share/{name}", n / total, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

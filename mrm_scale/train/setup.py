@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, check_unique_keys
+from mrm_scale.data.mixing import check_sources, is_mix_spec, parse_mix
 from mrm_scale.formats import files
 from mrm_scale.formats import shards as sf
 from mrm_scale.formats import checkpoints as layout
@@ -62,7 +63,12 @@ class Run:
 
     @property
     def shards(self) -> str:
-        return self.args.data.shards
+        """The shard folder (of a mix: its first source, whose tokenizer file and val split the run reads)."""
+        return self.loader_cfg.shards
+
+    @property
+    def mix(self) -> list[dict] | None:
+        return self.loader_cfg.mix
 
 
 def _barrier() -> None:
@@ -142,6 +148,18 @@ def _release_shm_name(rank: int) -> None:
         pass
 
 
+def _mix_sources(spec: str):
+    """The sources of ``--shards NAME=WEIGHT,...`` or a mix file (:mod:`mrm_scale.data.mixing`), else None."""
+    if not is_mix_spec(spec):
+        return None
+    try:
+        sources = parse_mix(spec)
+        check_sources(sources)  # every manifest there, one tokenizer: before any compute
+    except LoaderError as e:
+        raise RunConfigError(f"--shards: {e}") from None
+    return sources
+
+
 def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
     """``shards/demo`` is prepared on first use (rank 0 prepares, the others wait); other paths must exist."""
     is_default = os.path.normpath(shards) == os.path.normpath(DEFAULT_SHARDS)
@@ -201,18 +219,21 @@ def setup_run(args: PretrainArgs) -> Run:
 
     run_dir = os.path.join(train.out_root, args.run_name)
     ckpt_dir = checkpoints_dir(run_dir)
-    prepare_demo_if_needed(data.shards, data.demo_num, train.seed)
+    mix = _mix_sources(data.shards)
+    folder = mix[0].path if mix else data.shards  # the shards whose tokenizer file and val split the run reads
+    if mix is None:
+        prepare_demo_if_needed(data.shards, data.demo_num, train.seed)
     try:
-        manifest = sf.read_manifest(data.shards)
-        tokenizer = TokenizerIdentity.from_dict(manifest["tokenizer"], sf.manifest_path(data.shards))
+        manifest = sf.read_manifest(folder)
+        tokenizer = TokenizerIdentity.from_dict(manifest["tokenizer"], sf.manifest_path(folder))
     except ValueError as e:
         raise RunConfigError(f"--shards {data.shards}: {e}") from None
-    tok_file = tokenizer.path(data.shards)
+    tok_file = tokenizer.path(folder)
     if not os.path.isfile(tok_file):
-        raise RunConfigError(f"{tok_file}: the shards' tokenizer is missing ({sf.manifest_path(data.shards)} names it); "
+        raise RunConfigError(f"{tok_file}: the shards' tokenizer is missing ({sf.manifest_path(folder)} names it); "
                              "copy it back from where `mrm-scale prep` wrote these shards, or prepare them again")
     if tokenizer.sha256 and files.sha256_file(tok_file) != tokenizer.sha256:
-        raise RunConfigError(f"{tok_file}: sha256 differs from the one in {sf.manifest_path(data.shards)} (the file "
+        raise RunConfigError(f"{tok_file}: sha256 differs from the one in {sf.manifest_path(folder)} (the file "
                              "was replaced); put back the tokenizer these shards were made with, or prepare them again")
     if int(manifest["max_tokens"]) != model_cfg.max_tokens:
         model_cfg = model_cfg.replace(max_tokens=int(manifest["max_tokens"]))
@@ -220,23 +241,26 @@ def setup_run(args: PretrainArgs) -> Run:
     expected_tok = files.sha256_file(data.tokenizer) if data.tokenizer else None
     micro = train.micro_batch or ds_json.get("train_micro_batch_size_per_gpu")
     loader_cfg = LoaderConfig(
-        shards=data.shards, split="train", backend=data.backend, batch_size=int(micro or 1),
+        shards=folder, split="train", backend=data.backend, batch_size=int(micro or 1),
         image_size=model_cfg.img_size, channels=model_cfg.in_chans, max_tokens=model_cfg.max_tokens,
         workers=data.workers, seed=train.seed, tokenizer_sha256=expected_tok,
-        device=device if device.startswith("cuda") else "cpu")
+        device=device if device.startswith("cuda") else "cpu",
+        mix=[s.to_dict() for s in mix] if mix else None)
     try:
         probe = build_loader(loader_cfg, rank, world)  # runs every data check; cheap (no pipeline started)
         steps_per_epoch = len(probe)
         probe.close()
-        _from_rank0(lambda: check_unique_keys(probe.shardset))  # counts and keys of the index files
+        shardsets = getattr(probe, "shardsets", None) or [probe.shardset]
+        _from_rank0(lambda: [check_unique_keys(s) for s in shardsets])  # counts and keys of the index files
     except LoaderError as e:
         raise RunConfigError(str(e)) from None
 
     ds_config, schedule = resolve_ds_config(ds_json, train, world, steps_per_epoch, run_dir)
     record = RunRecord(
         args=args.flags(), derived=schedule.to_dict(), model=model_cfg.to_dict(), ds_config=ds_config,
-        world_size=world, tokenizer=tokenizer, shards=os.path.abspath(data.shards),
-        loader={k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)})
+        world_size=world, tokenizer=tokenizer, shards=os.path.abspath(folder),
+        loader={k: v for k, v in dataclasses.asdict(loader_cfg).items() if _jsonable(v)},
+        mix=[{**s.to_dict(), "path": os.path.abspath(s.path)} for s in mix] if mix else [])
     run = Run(args=args, schedule=schedule, rank=rank, world_size=world, local_rank=local, device=device,
               run_dir=run_dir, ckpt_dir=ckpt_dir, manifest=manifest, tokenizer=tokenizer, model_cfg=model_cfg,
               ds_config=ds_config, loader_cfg=loader_cfg, record=record)
@@ -307,6 +331,12 @@ def _check_resumable(run: Run, point: checkpoint.ResumePoint) -> None:
         raise RunConfigError(
             f"{ckpt} was trained on shards with tokenizer sha256 {old_tok}, but {run.shards} uses {new_tok}: "
             "the vocabulary would not match; resume on the same shards or start a new --name")
+    saved_mix = bool(info.loader) and isinstance(info.loader[0], dict) and "sources" in info.loader[0]
+    if info.loader and saved_mix != bool(run.mix):
+        was = ("a mix of " + ", ".join(n for n, _ in info.loader[0].get("mix", []))) if saved_mix else "one shard folder"
+        raise RunConfigError(f"{ckpt} was trained on {was}, this run reads "
+                             f"{'a mix' if run.mix else 'one shard folder'} (--shards {run.args.data.shards}): "
+                             "resume with the run's own --shards, or start a new --name")
     if info.loader:  # the data position must carry over to this setup (re-split mid-epoch, or refused)
         try:
             build_loader(run.loader_cfg, 0, run.world_size, states=info.loader).close()
