@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("mrm_scale.data.prep_cli", "prepare an image-report corpus into validated WebDataset shards"),
+    "tokenizer": ("mrm_scale.data.tokenizer_cli",
+                  "tokenizer train: one WordPiece vocabulary over the reports of several corpora"),
     "verify": ("mrm_scale.data.verify", "re-read a shard folder and check it against its manifest"),
     "model-info": ("mrm_scale.model.info", "parameters per part and training GFLOPs per sample of a preset"),
     "bench": ("mrm_scale.bench", "benchmarks: loader, step, scaling"),

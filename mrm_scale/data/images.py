@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .transforms import to_grayscale, to_uint8
+from .transforms import HIGH_DEPTH_MODES, to_grayscale, to_uint8, window_to_uint8
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MIN_SIDE = 16
@@ -153,12 +153,19 @@ def prepare_image(img: Image.Image, origin: str, max_side: int, quality: int) ->
     return data, gray.size
 
 
-def load_and_encode(path: str, max_side: int, quality: int) -> EncodedImage:
-    """Read any supported image file and return its stored form (raises :class:`ImageError`)."""
+def load_and_encode(path: str, max_side: int, quality: int, pixel: dict | None = None) -> EncodedImage:
+    """Read any supported image file and return its stored form (raises :class:`ImageError`). A 16-bit image is
+    windowed to 8 bits with ``pixel``'s DICOM window (``{"center", "width"}``, e.g. from PadChest's CSV) when it
+    fits, else from its own intensity range (:func:`~mrm_scale.data.transforms.window_to_uint8`)."""
     img, meta = read_image(path)
     orig_size = img.size
     img = decode_full(img, path, draft_side=max_side)
     if img.size != orig_size and meta.get("format") == "JPEG":
         meta["draft_size"] = list(img.size)
+    if img.mode in HIGH_DEPTH_MODES:
+        arr = np.asarray(img)
+        gray, how = window_to_uint8(arr, (pixel or {}).get("center"), (pixel or {}).get("width"))
+        meta.update(bit_depth_range=[int(arr.min()), int(arr.max())], window=how)
+        img = Image.fromarray(gray, "L")
     data, size = prepare_image(img, path, max_side, quality)
     return EncodedImage(jpeg=data, orig_size=orig_size, size=size, meta=meta)

@@ -114,6 +114,8 @@ def _entries_from_file(path: str) -> list[tuple[str, str | None, object, str]]:
         for name, value in items.items():
             if isinstance(value, dict):
                 out.append((str(name), value.get("path"), value.get("weight"), f"{path}: source {name!r}"))
+            elif os.sep in str(name):  # {"/data/mimic": 0.5}: the key is the folder
+                out.append(("", str(name), value, f"{path}: source {name!r}"))
             else:
                 out.append((str(name), None, value, f"{path}: source {name!r}"))
     elif isinstance(items, list):

@@ -15,9 +15,12 @@ D = PrepOptions.__dataclass_fields__
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, choices=SOURCES, help="kind of corpus")
     p.add_argument("--out", required=True, help="output folder for shards, index files, tokenizer and manifest")
-    p.add_argument("--input", help="csv/jsonl file, MIMIC-CXR-JPG root, or Open-i report folder/.tgz")
-    p.add_argument("--image-root", help="folder relative image paths start from (csv/jsonl: default the file's "
-                   "folder); Open-i: the folder of PNGs named by parentImage id")
+    p.add_argument("--input", help="csv/jsonl file, MIMIC-CXR-JPG root, Open-i report folder/.tgz, CheXpert Plus "
+                   "report CSV, PadChest label CSV(.gz), or the ReXGradient-160K folder / its metadata JSON (README, "
+                   "'Corpora')")
+    p.add_argument("--image-root", help="folder relative image paths start from (csv/jsonl/chexpert-plus/padchest: "
+                   "default the file's folder; rexgradient: default <input>/deid_png); Open-i: the folder of PNGs "
+                   "named by parentImage id")
     p.add_argument("--report-root", help="mimic-cxr: root of the report .txt tree if not under --input")
     p.add_argument("--metadata", help="openi: nlmcxr_dicom_metadata.csv(.gz) for view positions")
     p.add_argument("--image-column", default=D["image_column"].default)
@@ -40,7 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=D["vocab_size"].default)
     p.add_argument("--max-tokens", type=int, default=D["max_tokens"].default)
     p.add_argument("--workers", type=int, default=D["workers"].default, help="parallel image decode/encode")
-    p.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected")
+    p.add_argument("--max-unk-rate", type=float, default=None,
+                   help="refuse the corpus when more than this share of its report pieces are [UNK] (default: warn "
+                        "above 0.05; with --strict, refuse)")
+    p.add_argument("--source-name", help="corpus name recorded in the manifest and model cards (default: the source's)")
+    p.add_argument("--source-version", help="corpus release recorded in the manifest (e.g. 2.1.0)")
+    p.add_argument("--licence", help="licence / data use agreement recorded in the manifest (default: the source's "
+                   "where known)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected (and refuse a "
+                   "corpus the tokenizer mostly does not know)")
     p.add_argument("--no-progress", action="store_true")
 
 

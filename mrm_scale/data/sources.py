@@ -7,6 +7,7 @@ A candidate whose report is unusable carries ``reject=(reason, detail)`` and is 
 
 from __future__ import annotations
 
+import ast
 import csv
 import glob
 import gzip
@@ -39,6 +40,8 @@ class Candidate:
     split: str = ""  # "train" | "val" | "test" from the source; "" = assign by --val-fraction
     synthetic: tuple[int, int, int] | None = None  # (index, seed, size)
     reject: tuple[str, str] | None = None  # (reason, detail)
+    group: str = ""  # records that must share a split (the patient); "" = the key alone
+    pixel: dict | None = None  # how to window a 16-bit image: {"center", "width"} from its DICOM fields
 
     @property
     def origin(self) -> str:
@@ -293,4 +296,249 @@ def list_openi(path: str, image_root: str | None, metadata: str | None, views: s
                           meta={"source": {"report_id": report_id, "image_id": image_id, "xml": os.path.basename(name)},
                                 "view": view})
             out.append(_with_report(c, text))
+    return out, excluded
+
+
+# ---------------------------------------------------------------------------------------------- helpers of
+# the tabular corpora below (CheXpert Plus, PadChest, ReXGradient)
+
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or \
+        (isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null"))
+
+
+def _text(value) -> str:
+    return "" if _blank(value) else str(value)
+
+
+def _read_csv(path: str, what: str, need: tuple[str, ...]) -> list[dict]:
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: --input {what} not found")
+    with _open_maybe_gz(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SourceError(f"{path}: columns {', '.join(missing)} missing (found {', '.join(reader.fieldnames or [])}); "
+                              f"--input must be the {what}")
+        return list(reader)
+
+
+def _first_existing(paths: list[str]) -> str:
+    for p in paths:
+        if os.path.isfile(p):
+            return p
+    return paths[0]
+
+
+def _is_frontal(view: str) -> bool | None:
+    """True/False for a known view, None when unknown (kept by ``--views frontal``)."""
+    v = view.strip().upper().replace("-", "_")
+    if not v or v in ("UNK", "UNKNOWN", "NONE", "NAN"):
+        return None
+    return v.split()[0] in ("PA", "AP", "AP_HORIZONTAL", "POSTERO_ANTERIOR", "ANTERO_POSTERIOR", "FRONTAL")
+
+
+def _window_hint(row: dict, center_col: str, width_col: str) -> dict | None:
+    """The first DICOM window (``WindowCenter`` / ``WindowWidth``, maybe ``[a, b]`` lists) of a row."""
+    def first(v):
+        if _blank(v):
+            return None
+        try:
+            x = ast.literal_eval(str(v).strip())
+        except (ValueError, SyntaxError):
+            return None
+        x = x[0] if isinstance(x, (list, tuple)) and x else x
+        return float(x) if isinstance(x, (int, float)) else None
+    c, w = first(row.get(center_col)), first(row.get(width_col))
+    return {"center": c, "width": w} if c is not None and w and w > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------- chexpert plus
+
+CHEXPERT_PLUS_COLUMNS = ("path_to_image", "report")
+
+
+def list_chexpert_plus(path: str, image_root: str | None, views: str) -> tuple[list[Candidate], dict]:
+    """CheXpert Plus: ``df_chexpert_plus_240401.csv`` (one row per image: ``path_to_image``, ``path_to_dcm``,
+    ``frontal_lateral``, ``ap_pa``, ``deid_patient_id``, ``report`` and its ``section_*`` columns, ``split``) and the
+    PNG release (the CSV names ``.jpg``; the files are ``.png``, under ``PNG/PNG/`` once unzipped) or the DICOMs."""
+    rows = _read_csv(path, "CheXpert Plus report CSV (df_chexpert_plus_*.csv)", CHEXPERT_PLUS_COLUMNS)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    bases = [root, os.path.join(root, "PNG", "PNG"), os.path.join(root, "PNG")]
+    out, excluded = [], {"non-frontal": 0}
+    for n, r in enumerate(rows, start=2):
+        rel = _text(r.get("path_to_image")).strip()
+        if not rel:
+            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
+                                 reject=("missing-image-path", f"{path}:{n}: empty 'path_to_image'")))
+            continue
+        frontal_lateral, ap_pa = _text(r.get("frontal_lateral")).strip(), _text(r.get("ap_pa")).strip()
+        if views == "frontal" and frontal_lateral.lower() == "lateral":
+            excluded["non-frontal"] += 1
+            continue
+        stem = os.path.splitext(rel)[0]
+        tries = [os.path.join(b, stem + ext) for b in bases for ext in (".png", os.path.splitext(rel)[1] or ".jpg")]
+        dcm = _text(r.get("path_to_dcm")).strip()
+        if dcm:
+            tries += [os.path.join(root, dcm)]
+        image = _first_existing(tries)
+        c = Candidate(key=path_key(stem), image=image, report="", split=_split_name(_text(r.get("split"))),
+                      group=_text(r.get("deid_patient_id")),
+                      meta={"source": {"table": os.path.basename(path), "row": n, "path_to_image": rel,
+                                       "deid_patient_id": _text(r.get("deid_patient_id"))},
+                            "view": ap_pa or frontal_lateral})
+        sections = {"FINDINGS": _text(r.get("section_findings")), "IMPRESSION": _text(r.get("section_impression"))}
+        if any(v.strip() for v in sections.values()):
+            out.append(_with_report(c, sections_to_text(sections)))
+        else:  # no sections split out: clean the full report (its FINDINGS/IMPRESSION, else the body)
+            out.append(_with_report(c, None if _blank(r.get("report")) else r.get("report")))
+    return out, excluded
+
+
+# ---------------------------------------------------------------------------------------------- padchest
+
+PADCHEST_COLUMNS = ("ImageID", "ImageDir", "PatientID", "Projection", "Report")
+
+
+def _padchest_labels(value) -> dict:
+    if _blank(value):
+        return {}
+    try:
+        items = ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        items = str(value).strip("[]").split(",")
+    names = [str(x).strip().strip("'\"").strip() for x in (items if isinstance(items, (list, tuple)) else [items])]
+    return {name: 1 for name in names if name}
+
+
+def list_padchest(path: str, image_root: str | None, views: str) -> tuple[list[Candidate], dict]:
+    """PadChest: ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz)`` (``ImageID``, ``ImageDir``,
+    ``StudyID``, ``PatientID``, ``Projection``, ``Report``, ``Labels``, the ``*_DICOM`` fields) and the 16-bit PNGs
+    in numbered folders ``ImageDir/ImageID``. Reports (pre-processed Spanish) are kept as they are."""
+    rows = _read_csv(path, "PadChest label CSV (PADCHEST_chest_x_ray_images_labels_160K_*.csv)", PADCHEST_COLUMNS)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    out, excluded = [], {"non-frontal": 0}
+    for n, r in enumerate(rows, start=2):
+        image_id = _text(r.get("ImageID")).strip()
+        if not image_id:
+            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
+                                 reject=("missing-image-path", f"{path}:{n}: empty 'ImageID'")))
+            continue
+        projection = _text(r.get("Projection")).strip()
+        if views == "frontal" and _is_frontal(projection) is False:
+            excluded["non-frontal"] += 1
+            continue
+        folder = _text(r.get("ImageDir")).strip()
+        try:
+            folder = str(int(float(folder)))
+        except ValueError:
+            pass
+        image = _first_existing([os.path.join(root, folder, image_id), os.path.join(root, image_id)])
+        photometric = _text(r.get("PhotometricInterpretation_DICOM")).strip().upper()
+        c = Candidate(key=make_key(os.path.splitext(image_id)[0]), image=image, report="",
+                      group=_text(r.get("PatientID")),
+                      pixel=_window_hint(r, "WindowCenter_DICOM", "WindowWidth_DICOM"),
+                      meta={"source": {"image_id": image_id, "image_dir": folder, "study_id": _text(r.get("StudyID")),
+                                       "patient_id": _text(r.get("PatientID"))},
+                            "view": projection, "language": "es"})
+        if photometric:
+            c.meta["photometric"] = photometric
+        labels = _padchest_labels(r.get("Labels"))
+        if labels:
+            c.meta["labels"] = labels
+        out.append(_with_report(c, None if _blank(r.get("Report")) else r.get("Report")))
+    return out, excluded
+
+
+# ---------------------------------------------------------------------------------------------- rexgradient
+
+REXGRADIENT_SPLITS = ("train", "valid", "test")
+
+
+def _rexgradient_files(path: str) -> list[tuple[str, str]]:
+    """(split, metadata JSON) of a ReXGradient-160K root, its ``metadata/`` folder or one metadata file."""
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        split = next((s for s in REXGRADIENT_SPLITS if name.startswith(s + "_")), "")
+        return [(split, path)]
+    meta = os.path.join(path, "metadata") if os.path.isdir(os.path.join(path, "metadata")) else path
+    if not os.path.isdir(meta):
+        raise SourceError(f"{path}: --input must be the ReXGradient-160K folder (with metadata/), its metadata/ "
+                          "folder or one {train,valid,test}_metadata(_view_position).json")
+    out = []
+    for split in REXGRADIENT_SPLITS:
+        for name in (f"{split}_metadata_view_position.json", f"{split}_metadata.json"):
+            p = os.path.join(meta, name)
+            if os.path.isfile(p):
+                out.append((split, p))
+                break
+    if not out:
+        raise SourceError(f"{meta}: no {{train,valid,test}}_metadata(_view_position).json found")
+    return out
+
+
+def _as_list(value) -> list:
+    if isinstance(value, list):
+        return value
+    if _blank(value):
+        return []
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return list(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            pass
+    return [value]
+
+
+def list_rexgradient(path: str, image_root: str | None, views: str) -> tuple[list[Candidate], dict]:
+    """ReXGradient-160K: ``metadata/{train,valid,test}_metadata(_view_position).json`` (one entry per study:
+    ``ImagePath`` and ``ImageViewPosition`` lists, ``PatientID``, ``Indication``, ``Comparison``, ``Findings``,
+    ``Impression``) and the PNGs under ``deid_png/`` (the paths start ``../deid_png/``). Reports keep FINDINGS +
+    IMPRESSION; the test split is left out as for MIMIC."""
+    base = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if os.path.basename(os.path.normpath(base)) == "metadata":
+        base = os.path.dirname(os.path.normpath(base))
+    root = image_root or os.path.join(base, "deid_png")
+    out, excluded = [], {"test-split": 0, "non-frontal": 0, "no-images-in-study": 0}
+    for split, meta_file in _rexgradient_files(path):
+        try:
+            with open(meta_file, encoding="utf-8") as f:
+                studies = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{meta_file}: not valid JSON ({e})") from None
+        if isinstance(studies, list):
+            studies = {str(s.get("id") or i): s for i, s in enumerate(studies)}
+        if not isinstance(studies, dict):
+            raise SourceError(f"{meta_file}: expected a mapping of study id to study, got {type(studies).__name__}")
+        for study_id, st in studies.items():
+            if not isinstance(st, dict):
+                out.append(Candidate(key=make_key(str(study_id)), image=f"{meta_file}:{study_id}", report="",
+                                     reject=("malformed-row", f"{meta_file}: study {study_id} is not an object")))
+                continue
+            if split == "test":
+                excluded["test-split"] += len(_as_list(st.get("ImagePath"))) or 1
+                continue
+            images = _as_list(st.get("ImagePath"))
+            positions = _as_list(st.get("ImageViewPosition"))
+            if not images:
+                excluded["no-images-in-study"] += 1
+                continue
+            sections = {k.upper(): _text(st.get(k)) for k in ("Indication", "Comparison", "Findings", "Impression")}
+            text = sections_to_text(sections)
+            patient = _text(st.get("PatientID")) or str(study_id).split("_")[0]
+            for i, img in enumerate(images):
+                rel = str(img).replace("\\", "/")
+                for prefix in ("../deid_png/", "deid_png/", "../"):
+                    if rel.startswith(prefix):
+                        rel = rel[len(prefix):]
+                        break
+                view = _text(positions[i]) if i < len(positions) else ""
+                if views == "frontal" and _is_frontal(view) is False:
+                    excluded["non-frontal"] += 1
+                    continue
+                image = os.path.normpath(os.path.join(root, rel))
+                c = Candidate(key=path_key(image), image=image, report="", split=_split_name(split), group=patient,
+                              meta={"source": {"study_id": str(study_id), "patient_id": patient, "image_path": str(img),
+                                               "metadata": os.path.basename(meta_file)}, "view": view})
+                out.append(_with_report(c, text))
     return out, excluded

@@ -22,14 +22,19 @@ from mrm_scale.formats.tokenizer import (
 PLACEHOLDERS = ("___", "xxxx")  # de-identification placeholders, one token each (after lower-casing)
 
 
+MOSTLY_UNKNOWN = 0.5  # a report with more than this share of [UNK] pieces is "mostly unknown"
+
+
 class TokenizerError(ValueError):
     pass
 
 
 def train_wordpiece(reports: list[str], vocab_size: int) -> Tokenizer:
-    """Train a lower-casing WordPiece vocabulary on ``reports`` (deterministic for the same input)."""
+    """Train a lower-casing WordPiece vocabulary on ``reports`` (deterministic for the same input). Accents and
+    non-Latin scripts are kept (NFC, no accent stripping): ``derrame`` and ``pleural`` of a Spanish report, or a
+    Cyrillic word, are pieces of their own, not ``[UNK]`` or another word."""
     tok = Tokenizer(WordPiece(unk_token=UNK, max_input_chars_per_word=100))
-    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
     trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
                                show_progress=False)
@@ -108,6 +113,18 @@ def encode_reports(tok: Tokenizer, reports: list[str], max_tokens: int) -> list[
         ws = [w is not None and (i == 0 or words[i - 1] != w) for i, w in enumerate(words)]
         out.append(([cls, *body, sep], [False, *ws, False], n))
     return out
+
+
+def unknown_rate(tok, reports: list[str], unk_id: int) -> dict:
+    """How much of ``reports`` the tokenizer does not know: the share of [UNK] pieces and the reports that are
+    mostly [UNK] (the manifest's ``stats.vocabulary``)."""
+    pieces = unknown = mostly = 0
+    for enc in tok.encode_batch(reports, add_special_tokens=False) if reports else []:
+        n, u = len(enc.ids), sum(1 for i in enc.ids if i == unk_id)
+        pieces, unknown = pieces + n, unknown + u
+        mostly += n > 0 and u > MOSTLY_UNKNOWN * n
+    return {"unk_rate": round(unknown / pieces, 6) if pieces else 0.0, "unk_pieces": unknown, "pieces": pieces,
+            "reports": len(reports), "reports_mostly_unknown": mostly}
 
 
 def decode_ids(tok: Tokenizer, ids: np.ndarray, attention: np.ndarray) -> str:

@@ -43,6 +43,30 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+MIN_WINDOW_SPREAD = 32  # gray levels between the 5th and 95th percentile below which a given window is not used
+
+
+def spread(gray: np.ndarray) -> float:
+    """The 5th-95th percentile spread of an 8-bit image: how much contrast it kept."""
+    lo, hi = np.percentile(gray, [5, 95])
+    return float(hi - lo)
+
+
+def window_to_uint8(arr: np.ndarray, center: float | None = None, width: float | None = None
+                    ) -> tuple[np.ndarray, str]:
+    """A 16-bit (or any numeric) image to 8 bits: with a DICOM-style window (``center``/``width``, the linear
+    VOI function) when one is given and keeps the image's contrast, else from the image's own intensity range
+    (:func:`to_uint8`): never a plain clip of 16-bit values to 255. Returns (uint8, which was used)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if center is not None and width and width > 1:
+        lo = center - 0.5 - (width - 1) / 2
+        out = np.round(np.clip((arr - lo) / (width - 1), 0.0, 1.0) * 255.0).astype(np.uint8)
+        if spread(out) >= MIN_WINDOW_SPREAD:
+            return out, "dicom-window"
+        # a window that does not fit these pixel values (the PNG was rescaled after the DICOM): own range
+    return to_uint8(arr), "own-range"
+
+
 def to_grayscale(img: Image.Image) -> Image.Image:
     """Any PIL mode → ``L``. Alpha is dropped (radiographs with alpha keep their pixel values)."""
     if img.mode == "L":

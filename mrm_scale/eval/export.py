@@ -102,6 +102,8 @@ def export(src: str, out: str, *, tokenizer: str | None = None, overwrite: bool 
             "report_model": REPORT_DIR if has_report else None,
             "parameters": model.parameter_counts(),
             "data": shard_summary(shards),
+            "data_mix": [{**(shard_summary(m["path"]) or {"path": m["path"]}), "name": m["name"], "weight": m["weight"]}
+                         for m in record.mix],
             "final_losses": final_losses(ref.run_dir, info["step"]),
             "files": sorted([ENCODER_FILE, FULL_FILE, TOKENIZER_COPY, CONFIG_FILE, CARD_FILE]
                             + ([REPORT_DIR + "/"] if has_report else [])),

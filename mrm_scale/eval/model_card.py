@@ -13,6 +13,14 @@ def _fmt(x) -> str:
     return "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
+def _provenance(d: dict) -> str:
+    """Name, release and licence of a shard set, as its manifest records them."""
+    what = d.get("corpus") or d.get("source") or "unnamed corpus"
+    if d.get("version"):
+        what += f" ({d['version']})"
+    return f"{what}, licence: {d.get('licence') or 'not recorded'}"
+
+
 def model_card(cfg: MRMConfig, meta: dict, has_report: bool) -> str:
     src, data, losses = meta["source"], meta.get("data"), meta.get("final_losses")
     counts = meta["parameters"]
@@ -56,10 +64,20 @@ def model_card(cfg: MRMConfig, meta: dict, has_report: bool) -> str:
             line += (f"; on the words naming a finding, side or severity: gain "
                      f"{use['image_gain_finding_words']:+.4f}, accuracy {_fmt(use.get('masked_accuracy_finding_words'))}")
         lines.append(line)
-    if data:
+    mix = meta.get("data_mix") or []
+    if mix:
+        lines.append(f"- data: a weighted mix of {len(mix)} shard sets (shares of the samples drawn; each set cycles "
+                     "at its own length):")
+        for d in mix:
+            lines.append(f"  - `{d['name']}` weight {d['weight']:.3f}: `{d['path']}`" + (
+                f" — {_provenance(d)}; samples {d.get('samples')}, rejected {d.get('rejected')}" if "source" in d
+                else " (no manifest there any more)"))
+    elif data:
         lines.append(f"- data: `{data['path']}` (source {data['source']}" + (f", input {data['input']}"
                      if data.get("input") else "") + f"): samples {data['samples']}, shards {data['shards']}, "
                      f"rejected {data['rejected']}")
+        lines.append(f"- corpus: {_provenance(data)}")
+    if data and not mix:
         if data.get("label_positives"):
             lines.append(f"- label positives: {data['label_positives']}")
     tok = meta["tokenizer"]

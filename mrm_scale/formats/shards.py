@@ -217,8 +217,10 @@ def summary(folder: str) -> dict | None:
         return None
     m = read_manifest(folder)
     stats = m.get("stats", {})
-    return {"path": folder, "source": m.get("source", {}).get("kind") or m.get("options", {}).get("source"),
-            "input": m.get("source", {}).get("input"),
+    src = m.get("source", {})
+    return {"path": folder, "source": src.get("kind") or m.get("options", {}).get("source"),
+            "input": src.get("input"), "corpus": src.get("name"), "version": src.get("version"),
+            "licence": src.get("licence"),
             "samples": {k: v.get("samples") for k, v in m.get("splits", {}).items()},
             "shards": {k: len(v.get("shards", [])) for k, v in m.get("splits", {}).items()},
             "rejected": stats.get("rejected", len(m.get("rejected", []))),

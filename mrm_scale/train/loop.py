@@ -184,7 +184,7 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
             t0 = time.perf_counter()
             stream.wait = 0.0
             sums = {"loss": 0.0, "image_loss": 0.0, "report_loss": 0.0}
-            keys, good, micro = [], 0, 0
+            keys, sources, good, micro = [], [], 0, 0
             while good < accum:
                 batch = _to_device(stream.next(), run.device, image_dtype)
                 out = engine(batch, seed=step_seed(args.seed, step, micro, run.rank))
@@ -207,6 +207,7 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
                 engine.step()
                 good += 1
                 keys.extend(batch["key"])
+                sources.extend(batch.get("source") or [])
                 sums["loss"] += loss.item() / accum
                 sums["image_loss"] += out.image_loss.item() / accum
                 if out.report_loss is not None:
@@ -220,7 +221,8 @@ def train(run: Run, engine, model, hooks: LoopHooks | None = None) -> dict:
                 values["report_loss"] = None
             last = values
             if trace:
-                trace.write(json.dumps({"step": step, "keys": keys, **{k: values[k] for k in sums}}) + "\n")
+                trace.write(json.dumps({"step": step, "keys": keys, **({"sources": sources} if sources else {}),
+                                        **{k: values[k] for k in sums}}) + "\n")
                 trace.flush()
             log_now = step % args.log_every == 0 or step == max_steps or step == 1
             if log_now:  # the same steps on every rank: the mean is a collective
