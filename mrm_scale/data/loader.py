@@ -7,6 +7,7 @@ one epoch and yields batch dicts:
                      as an ``expand`` view, stride 0 over C: no copy; ``.contiguous()`` where dense memory is needed)
 - ``input_ids``      int64 (B, L)         ``attention_mask`` int64 (B, L)        ``word_start`` bool (B, L)
 - ``key``            list[str]            ``labels`` (only when ``cfg.labels`` is set)
+- ``source``         list[str], the shard set of each sample (only from a mix, ``cfg.mix``)
 
 Epochs
     One epoch shows every sample of the split once across all ranks. The order is a pure function of
