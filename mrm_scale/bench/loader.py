@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="dali: cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", metavar="CSV", help="CSV with image_path,report_content: time the paper's loader too")
+    p.add_argument("--mix", metavar="NAME=WEIGHT,...",
+                   help="also time a weighted mix of shard sets (or a mix file), same batch size, workers per "
+                        "source: the mixer's cost against --shards alone (mix_ratio)")
     p.add_argument("--export-baseline", metavar="DIR",
                    help="write DIR/baseline.csv + DIR/images/ from the shards and use it as --baseline")
 
@@ -210,12 +213,22 @@ def run(args: argparse.Namespace) -> int:
                            image_size=args.image_size, max_tokens=int(manifest["max_tokens"]), workers=args.workers,
                            seed=args.seed, device=args.device, augment=True, shuffle=True)
         loader = build_loader(cfg, rank=0, world_size=1)
+        mixed = None
+        if args.mix:
+            import dataclasses
+
+            from mrm_scale.data.mixing import parse_mix
+
+            mixed = build_loader(dataclasses.replace(cfg, mix=[m.to_dict() for m in parse_mix(args.mix)]), 0, 1)
     except (LoaderError, sf.ManifestError) as e:
         print(f"mrm-scale bench loader: error: {e}", file=sys.stderr)
         return 2
     result = {"bench": "loader", "backend": args.backend, "workers": args.workers, "batch_size": args.batch_size,
               "image_size": args.image_size, "batches": args.batches, "runs": args.runs, "device": args.device}
     sides = {"loader": loader}
+    if mixed is not None:
+        sides["mix"] = mixed
+        result["mix"] = [[name, round(m.weight, 4)] for name, m in zip(mixed.loaders, mixed.sources)]
     csv_path = args.baseline
     if args.export_baseline:
         csv_path = export_baseline(args.shards, args.split, args.export_baseline)
@@ -234,6 +247,12 @@ def run(args: argparse.Namespace) -> int:
     result["samples_per_s"] = round(statistics.median(rates["loader"]), 2)
     result["runs_samples_per_s"] = [round(r, 2) for r in rates["loader"]]
     print(f"{args.backend}: {result['samples_per_s']:.1f} samples/s (runs: {result['runs_samples_per_s']})")
+    if "mix" in rates:
+        result["mix_samples_per_s"] = round(statistics.median(rates["mix"]), 2)
+        result["mix_runs_samples_per_s"] = [round(r, 2) for r in rates["mix"]]
+        result["mix_ratio"] = round(result["mix_samples_per_s"] / result["samples_per_s"], 3)
+        print(f"mix {args.mix}: {result['mix_samples_per_s']:.1f} samples/s; {result['mix_ratio']:.2f}x of "
+              f"--shards alone")
     if "baseline" in rates:
         base = rates["baseline"]
         result["baseline_samples_per_s"] = round(statistics.median(base), 2)
