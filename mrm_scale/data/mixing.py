@@ -210,35 +210,36 @@ def _slice(batch: dict, a: int, b: int) -> dict:
     return {k: v[a:b] for k, v in batch.items()}
 
 
-def _concat(parts: list[dict]) -> dict:
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for k in parts[0]:
-        vals = [p[k] for p in parts]
-        if torch.is_tensor(vals[0]):
-            v0 = vals[0]
-            if k == "image" and v0.dim() == 4 and v0.shape[1] > 1 and all(v.stride(1) == 0 for v in vals):
-                # grayscale replicated as a view: join one channel, keep the zero-copy view
-                out[k] = torch.cat([v[:, :1] for v in vals]).expand(-1, v0.shape[1], -1, -1)
-            else:
-                out[k] = torch.cat(vals)
+def _assemble(parts: list[dict], perm: np.ndarray) -> dict:
+    """One batch from the parts (in order) with sample ``j`` of their concatenation at position ``perm[j]``:
+    every value is written once (no concatenation then a shuffled copy); a grayscale image replicated as a
+    zero-copy view stays one (one channel written, expanded again)."""
+    n = len(perm)
+    first = parts[0]
+    out: dict = {}
+    for k, v0 in first.items():
+        if torch.is_tensor(v0):
+            gray = k == "image" and v0.dim() == 4 and v0.shape[1] > 1 and all(p[k].stride(1) == 0 for p in parts)
+            shape = (n, 1, *v0.shape[2:]) if gray else (n, *v0.shape[1:])
+            out[k] = torch.empty(shape, dtype=v0.dtype, device=v0.device)
         else:
-            out[k] = [x for v in vals for x in v]
-    return out
-
-
-def _permute(batch: dict, perm: np.ndarray) -> dict:
-    idx = torch.from_numpy(perm)
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            if k == "image" and v.dim() == 4 and v.shape[1] > 1 and v.stride(1) == 0:
-                out[k] = v[:, :1][idx].expand(-1, v.shape[1], -1, -1)
+            out[k] = [None] * n
+    at = 0
+    for part in parts:
+        m = _batch_len(part)
+        dest = perm[at:at + m]
+        idx = torch.from_numpy(dest)
+        for k, v in part.items():
+            o = out[k]
+            if torch.is_tensor(o):
+                o.index_copy_(0, idx, v[:, :1] if o.shape[1:] != v.shape[1:] else v)
             else:
-                out[k] = v[idx]
-        else:
-            out[k] = [v[i] for i in perm]
+                for i, x in zip(dest, v):
+                    o[i] = x
+        at += m
+    img = first.get("image")
+    if torch.is_tensor(img) and out["image"].shape[1] != img.shape[1]:
+        out["image"] = out["image"].expand(-1, img.shape[1], -1, -1)
     return out
 
 
@@ -325,9 +326,8 @@ class MixedLoader:
         parts = [p for name, c in zip(names, counts) if c for p in self._take(name, c)]
         for name, c in zip(names, counts):
             self.drawn[name] += c
-        batch = _concat(parts)
         rng = np.random.default_rng(seed_for(self.cfg.seed, TAG_MIX, self.epoch, self.batch, self.rank))
-        return _permute(batch, rng.permutation(_batch_len(batch)))
+        return _assemble(parts, rng.permutation(sum(_batch_len(p) for p in parts)))
 
     def __iter__(self) -> Iterator[dict]:
         if self.batch >= self.steps:
@@ -408,5 +408,8 @@ class MixedLoader:
         self.batch = min(self.steps, seen // (self.cfg.batch_size * self.world_size))
 
     def close(self) -> None:
-        for x in self.loaders.values():
+        """Stop every source's workers / pipelines; the position (and a batch part way through) is kept, so
+        iterating again continues."""
+        for name, x in self.loaders.items():
             x.close()
+            self._iters[name] = None  # a source's next batch comes from a fresh iterator at its kept position
