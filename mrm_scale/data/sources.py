@@ -98,7 +98,7 @@ def _resolve(path: str, root: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
 
 
-def _table_rows(path: str, kind: str) -> Iterator[tuple[int, dict]]:
+def table_rows(path: str, kind: str) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         data = f.read()
     text = data.decode("utf-8-sig", errors="surrogateescape")
@@ -124,7 +124,7 @@ def list_table(path: str, kind: str, image_column: str, report_column: str, imag
         raise SourceError(f"{path}: --input file not found")
     root = image_root or os.path.dirname(os.path.abspath(path))
     out = []
-    for n, row in _table_rows(path, kind):
+    for n, row in table_rows(path, kind):
         if n <= 2 and (image_column not in row or report_column not in row):
             raise SourceError(
                 f"{path}: columns {sorted(row)} lack {image_column!r} or {report_column!r}; "

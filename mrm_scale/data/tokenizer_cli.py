@@ -17,7 +17,7 @@ from mrm_scale.formats import files
 from mrm_scale.formats import shards as sf
 
 from .reports import ReportError, check_report
-from .sources import SourceError, _table_rows
+from .sources import SourceError, table_rows
 from .tokenizer import tokenizer_bytes, train_wordpiece, unknown_rate
 
 TABLE_REPORT_COLUMNS = ("report_content", "report", "Report", "text")
@@ -54,7 +54,7 @@ def _table_reports(path: str, column: str | None) -> tuple[list[str], int]:
     kind = "jsonl" if path.lower().endswith((".jsonl", ".jsonl.gz")) else "csv"
     out, skipped, col = [], 0, column
     try:
-        for n, row in _table_rows(path, kind):
+        for n, row in table_rows(path, kind):
             if col is None:
                 col = next((c for c in TABLE_REPORT_COLUMNS if c in row), None)
                 if col is None:
