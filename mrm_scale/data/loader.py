@@ -87,18 +87,14 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, state: d
         from mrm_scale.data.mixing import MixedLoader
 
         loader = MixedLoader(cfg, rank, world_size, build_loader)
-        if states:
-            loader.resume_from(states)
-        elif state:
-            loader.load_state_dict(state)
-        return loader
-    shardset = resolve_shards(cfg)
-    check_config(cfg, shardset, rank, world_size)
-    if cfg.backend == "dali":
-        from mrm_scale.data.dali_loader import DaliLoader as cls
     else:
-        from mrm_scale.data.wds_loader import WdsLoader as cls
-    loader = cls(cfg, shardset, rank, world_size)
+        shardset = resolve_shards(cfg)
+        check_config(cfg, shardset, rank, world_size)
+        if cfg.backend == "dali":
+            from mrm_scale.data.dali_loader import DaliLoader as cls
+        else:
+            from mrm_scale.data.wds_loader import WdsLoader as cls
+        loader = cls(cfg, shardset, rank, world_size)
     if states:
         loader.resume_from(states)
     elif state:

@@ -259,7 +259,7 @@ class MixedLoader:
         """``build``: the factory of one source's loader (:func:`mrm_scale.data.loader.build_loader`)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.sources = [MixSource(**d) for d in cfg.mix]
-        self.manifests = check_sources(self.sources)
+        check_sources(self.sources)  # one tokenizer, every manifest there: before any source is opened
         self.loaders = {}
         try:
             for s in self.sources:

@@ -71,6 +71,12 @@ def _with_report(c: Candidate, raw) -> Candidate:
     return c
 
 
+def _empty_image_column(path: str, n: int, column: str) -> Candidate:
+    """The rejected candidate of table row ``n`` whose image column is empty."""
+    return Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
+                     reject=("missing-image-path", f"{path}:{n}: empty {column!r}"))
+
+
 def _split_name(value: str) -> str:
     v = (value or "").strip().lower()
     return {"validate": "val", "validation": "val", "valid": "val", "dev": "val"}.get(v, v)
@@ -135,8 +141,7 @@ def list_table(path: str, kind: str, image_column: str, report_column: str, imag
             continue
         img = row.get(image_column)
         if img is None or str(img).strip() == "":
-            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
-                                 reject=("missing-image-path", f"{path}:{n}: empty {image_column!r}")))
+            out.append(_empty_image_column(path, n, image_column))
             continue
         image = _resolve(img, root)
         extra = {k: v for k, v in row.items() if k not in (image_column, report_column)}
@@ -369,8 +374,7 @@ def list_chexpert_plus(path: str, image_root: str | None, views: str) -> tuple[l
     for n, r in enumerate(rows, start=2):
         rel = _text(r.get("path_to_image")).strip()
         if not rel:
-            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
-                                 reject=("missing-image-path", f"{path}:{n}: empty 'path_to_image'")))
+            out.append(_empty_image_column(path, n, "path_to_image"))
             continue
         frontal_lateral, ap_pa = _text(r.get("frontal_lateral")).strip(), _text(r.get("ap_pa")).strip()
         if views == "frontal" and frontal_lateral.lower() == "lateral":
@@ -421,8 +425,7 @@ def list_padchest(path: str, image_root: str | None, views: str) -> tuple[list[C
     for n, r in enumerate(rows, start=2):
         image_id = _text(r.get("ImageID")).strip()
         if not image_id:
-            out.append(Candidate(key=make_key(f"row{n}"), image=f"{path}:{n}", report="",
-                                 reject=("missing-image-path", f"{path}:{n}: empty 'ImageID'")))
+            out.append(_empty_image_column(path, n, "ImageID"))
             continue
         projection = _text(r.get("Projection")).strip()
         if views == "frontal" and _is_frontal(projection) is False:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mrm_scale.data.loader import LoaderConfig, LoaderError, build_loader, check_unique_keys
-from mrm_scale.data.mixing import check_sources, is_mix_spec, parse_mix
+from mrm_scale.data.mixing import is_mix_spec, parse_mix
 from mrm_scale.formats import files
 from mrm_scale.formats import shards as sf
 from mrm_scale.formats import checkpoints as layout
@@ -149,15 +149,14 @@ def _release_shm_name(rank: int) -> None:
 
 
 def _mix_sources(spec: str):
-    """The sources of ``--shards NAME=WEIGHT,...`` or a mix file (:mod:`mrm_scale.data.mixing`), else None."""
+    """The sources of ``--shards NAME=WEIGHT,...`` or a mix file (:mod:`mrm_scale.data.mixing`), else None. Their
+    manifests and tokenizers are checked when the loader is built (before any compute)."""
     if not is_mix_spec(spec):
         return None
     try:
-        sources = parse_mix(spec)
-        check_sources(sources)  # every manifest there, one tokenizer: before any compute
+        return parse_mix(spec)
     except LoaderError as e:
         raise RunConfigError(f"--shards: {e}") from None
-    return sources
 
 
 def prepare_demo_if_needed(shards: str, demo_num: int, seed: int) -> None:
