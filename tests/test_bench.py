@@ -55,6 +55,23 @@ def test_bench_step_ab_alternates_two_builds_in_one_process(capsys):
     assert "may not change --preset" in capsys.readouterr().err
 
 
+def test_bench_step_engine_times_the_trainers_deepspeed_engine_on_the_same_step():
+    """--engine: the same model and batch through DeepSpeed (ZeRO-2, bf16, world of one), in its own process (it
+    starts a process group)."""
+    cmd = [sys.executable, "-m", "mrm_scale.cli", "bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "2",
+           "--warmup", "1", "--engine"]
+    p = subprocess.run(cmd, cwd=REPO, env=dict(ENV, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = last_json(p.stdout)
+    e = r["engine"]
+    assert e["config"] == "zero2.json" and e["zero_stage"] == 2 and e["bf16"] is True
+    assert e["optimizer"] == "DeepSpeedZeroOptimizer" and len(e["step_s_all"]) == 2
+    assert e["loss_first"] == pytest.approx(r["loss_first"], rel=1e-4)  # same weights, same batch, same masks
+    assert r["engine_over_plain"] == pytest.approx(r["step_s"] / e["step_s"], rel=1e-3)
+    assert r["host_malloc"] == "retain"
+
+
 def test_bench_step_refuses_bad_input(capsys):
     assert main(["bench", "step", "--preset", "nope", "--steps", "1"]) == 2
     assert "unknown model preset" in capsys.readouterr().err

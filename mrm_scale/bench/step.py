@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+from mrm_scale import host_memory
+
 DEFAULT_VOCAB = 30522
 CLIP_NORM = 1.0  # ds_configs/*.json "gradient_clipping"
 ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
@@ -51,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "own rule for short half-precision stacks applies inside (see --cpu-math-attention-max-tokens)")
     p.add_argument("--cpu-math-attention-max-tokens", type=int, default=None, metavar="T",
                    help="the model's CPU rule: bf16 stacks of <= T tokens use the unfused SDPA kernel (default: "
-                   "the preset's cpu_math_attention_max_tokens, 128; 0 = flash everywhere)")
+                   "the preset's cpu_math_attention_max_tokens, 256; 0 = flash everywhere)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -61,6 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step with torch.profiler and print the top N ops (stderr)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="CPU host memory policy (mrm_scale.host_memory): retain freed memory in the process, as the "
+                   "trainer's CPU ranks do (default), or glibc's default (mmap/munmap large blocks, trim the heap)")
+    p.add_argument("--engine", action="store_true",
+                   help="also time the same step through the DeepSpeed engine the trainer builds (a world of one; "
+                   "--config, ZeRO-2 bf16 by default, with its own optimizer), alternating with the plain step; "
+                   "the JSON line gives both and engine_over_plain")
+    p.add_argument("--config", default="zero2.json",
+                   help="DeepSpeed JSON for --engine: a shipped name (zero2.json) or a path")
     p.add_argument("--against", default=None, metavar="FLAGS",
                    help="A/B in this process: a second step built with these flags on top of the others (e.g. "
                    "--against '--set report_loss=all', or --against=--compile for a single flag); the two run "
@@ -235,6 +246,78 @@ def profile_step(model, optimizer, batch, seed: int, top: int, device) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
+class EngineStep:
+    """The same step through the DeepSpeed engine the trainer builds (``train.setup.build_engine``'s recipe): the
+    DeepSpeed JSON resolved by ``train.config.resolve_ds_config`` for this batch and precision on a world of one,
+    the model built with the same seed and parameter groups, the image fed in the engine's dtype."""
+
+    def __init__(self, args, device):
+        import tempfile
+
+        import torch
+
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed picks its accelerator
+        import deepspeed
+
+        from mrm_scale.formats.tokenizer import TokenizerIdentity
+        from mrm_scale.model import build_model, get_preset, param_groups
+        from mrm_scale.model.flops import synthetic_batch
+        from mrm_scale.model.presets import parse_overrides
+        from mrm_scale.train.config import TrainArgs, load_ds_json, resolve_ds_config, zero_stage
+        from mrm_scale.train.launcher import packaged_ds_config
+        from mrm_scale.train.setup import start_distributed
+
+        path = args.config if os.path.isfile(args.config) else packaged_ds_config(args.config)
+        targs = TrainArgs(deepspeed_config=path, micro_batch=args.batch, lr=ADAMW["lr"], precision=args.precision,
+                          clip_grad=CLIP_NORM, max_steps=10**6)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.ds_config, _ = resolve_ds_config(load_ds_json(path), targs, 1, None, tmp)
+        self.config_name = os.path.basename(path)
+        self.zero_stage = zero_stage(self.ds_config)
+        start_distributed()
+        cfg = get_preset(args.preset, **parse_overrides(args.overrides))
+        if args.grad_checkpointing:
+            cfg = cfg.replace(grad_checkpointing=True)
+        if args.cpu_math_attention_max_tokens is not None:
+            cfg = cfg.replace(cpu_math_attention_max_tokens=args.cpu_math_attention_max_tokens).validate()
+        torch.manual_seed(args.seed)
+        model = build_model(cfg, **TokenizerIdentity.canonical(args.vocab_size).model_ids())
+        if args.compile:
+            from mrm_scale.model import compile_blocks
+
+            compile_blocks(model)
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, ADAMW["weight_decay"])]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
+        self.device = self.engine.device
+        batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=self.device, seed=args.seed)
+        if args.precision == "bf16":
+            batch["image"] = batch["image"].to(torch.bfloat16)  # what the trainer feeds a bf16 engine
+        self.batch = batch
+        self.optimizer = type(self.engine.optimizer).__name__
+        basic = getattr(self.engine, "basic_optimizer", None)
+        self.basic_optimizer = type(basic).__name__ if basic is not None else None
+
+    def timed(self, seed: int) -> tuple[float, float]:
+        import torch
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        out = self.engine(self.batch, seed=seed)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        _sync(self.device)
+        return float(out.loss.detach()), time.perf_counter() - t0
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _variant(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``--against``'s flags applied on top."""
     import copy
@@ -273,6 +356,8 @@ def _run_ab(args: argparse.Namespace, device) -> int:
     for i in range(args.warmup + args.steps):
         for name in (("a", "b") if i % 2 == 0 else ("b", "a")):
             side = sides[name]
+            if device.type == "cpu":
+                host_memory.apply(side["args"].malloc)  # process-wide: switched around each side's step
             with _sdpa_context(side["args"].sdpa):
                 loss, dt = timed_step(side["model"], side["optimizer"], side["batch"], args.seed + i, device)
             side["losses"].append(loss)
@@ -292,6 +377,14 @@ def _run_ab(args: argparse.Namespace, device) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    finally:
+        if host_memory.current() == "retain":  # a process that goes on (a test session) gets glibc's ways back
+            host_memory.apply("default")
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
@@ -304,7 +397,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         print("mrm-scale bench step: --steps and --batch must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
+    malloc = host_memory.apply(args.malloc) if device.type == "cpu" else None
     if args.against:
+        if args.engine:
+            print("mrm-scale bench step: --engine and --against are separate comparisons; give one",
+                  file=sys.stderr)
+            return 2
         return _run_ab(args, device)
     try:
         model, optimizer, batch, cfg = build(args, device)
@@ -316,13 +414,29 @@ def run(args: argparse.Namespace) -> int:
 
     from mrm_scale.model.flops import count_training_flops
 
+    engine = None
+    if args.engine:
+        try:
+            engine = EngineStep(args, device)
+        except (ImportError, ValueError, OSError) as e:
+            print(f"mrm-scale bench step --engine: {e}", file=sys.stderr)
+            return 2
     with _sdpa_context(args.sdpa):
-        times, losses = [], []
+        times, losses, engine_times, engine_losses = [], [], [], []
         for i in range(args.warmup + args.steps):
-            loss, dt = timed_step(model, optimizer, batch, args.seed + i, device)
-            losses.append(loss)
+            # plain and engine steps alternate (P E E P ...): both see the same machine load
+            for side in (("plain", "engine") if i % 2 == 0 else ("engine", "plain")):
+                if side == "plain":
+                    loss, dt = timed_step(model, optimizer, batch, args.seed + i, device)
+                    losses.append(loss)
+                    if i >= args.warmup:
+                        times.append(dt)
+                elif engine is not None:
+                    loss, dt = engine.timed(args.seed + i)
+                    engine_losses.append(loss)
+                    if i >= args.warmup:
+                        engine_times.append(dt)
             if i >= args.warmup:
-                times.append(dt)
                 peak.sample(args.peak_reps)  # interleaved: the peak sees the same machine load as the steps
         table = profile_step(model, optimizer, batch, args.seed, args.profile, device) if args.profile else None
     # counted on the first timed step's masks (FlopCounterMode; gradients discarded, weights untouched)
@@ -342,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "optimizer": f"AdamW({args.optimizer}) + clip {CLIP_NORM}",
-        "compile": args.compile, "sdpa": args.sdpa, "grad_checkpointing": cfg.grad_checkpointing,
+        "host_malloc": malloc, "compile": args.compile, "sdpa": args.sdpa, "grad_checkpointing": cfg.grad_checkpointing,
         "cpu_math_attention_max_tokens": cfg.cpu_math_attention_max_tokens,
         "steps": args.steps, "warmup": args.warmup,
         "step_s": round(step_s, 5), "step_s_all": [round(t, 4) for t in times],
@@ -355,5 +469,20 @@ def run(args: argparse.Namespace) -> int:
         "loss_first": losses[0], "loss_last": losses[-1],
         "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+    if engine is not None:
+        import deepspeed
+
+        engine_s = statistics.median(engine_times)
+        result["engine"] = {
+            "config": engine.config_name, "zero_stage": engine.zero_stage,
+            "bf16": bool(engine.ds_config.get("bf16", {}).get("enabled")), "optimizer": engine.optimizer,
+            "basic_optimizer": engine.basic_optimizer, "deepspeed": deepspeed.__version__,
+            "step_s": round(engine_s, 5), "step_s_all": [round(t, 4) for t in engine_times],
+            "samples_per_s": _sig(args.batch / engine_s),
+            "mfu": _sig(gflop * args.batch / engine_s / peak.median),
+            "loss_first": engine_losses[0], "loss_last": engine_losses[-1],
+        }
+        result["engine_over_plain"] = _sig(step_s / engine_s)  # samples/s of the engine / of the plain step
+        engine.close()
     print(json.dumps(result), flush=True)
     return 0

@@ -29,6 +29,7 @@ from mrm_scale.formats.run_record import DS_CONFIG, RunRecord, checkpoints_dir
 from mrm_scale.formats.tokenizer import TokenizerIdentity
 from mrm_scale.model import MRMConfig, build_model, get_preset, param_groups
 from mrm_scale.model.presets import SHAPE_FIELDS, parse_overrides
+from mrm_scale import host_memory
 from mrm_scale.ports import free_port
 
 from . import checkpoint, preemption, universal
@@ -131,6 +132,10 @@ def start_distributed(timeout_s: float = 600.0) -> tuple[int, int, int, str]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if "OMP_NUM_THREADS" not in os.environ or int(os.environ["OMP_NUM_THREADS"]) < 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        try:  # freed host memory stays in the process: no page faults on every step's temporaries
+            host_memory.apply_for_training()
+        except ValueError as e:
+            raise RunConfigError(str(e)) from None
     return rank, world, local, device
 
 
