@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "tokenizer train: one WordPiece vocabulary over the reports of several corpora"),
     "verify": ("mrm_scale.data.verify", "re-read a shard folder and check it against its manifest"),
     "model-info": ("mrm_scale.model.info", "parameters per part and training GFLOPs per sample of a preset"),
+    "plan": ("mrm_scale.train.plan",
+             "what fits on N GPUs of M GiB (ZeRO stage, micro-batch, checkpointing) and the time per epoch"),
     "bench": ("mrm_scale.bench", "benchmarks: loader, step, scaling"),
     "checkpoint": ("mrm_scale.train.checkpoint_cli",
                    "inspect a run's checkpoints; convert one for another world size or ZeRO stage"),
