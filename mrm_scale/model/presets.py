@@ -61,9 +61,8 @@ class MRMConfig:
     drop_path: float = 0.0
     grad_checkpointing: bool = False
     # CPU attention kernel: stacks whose sequences are at most this long use SDPA's unfused "math" kernel for
-    # bf16/fp16 on CPU (see mrm_scale.model.mrm.attention_kernels); 0 = torch's choice everywhere. 256 takes in
-    # the pixel decoder (197 tokens at 224 px): base bf16 batch 4 step 1.61 vs 1.70 s at 128 (in-process A/B)
-    cpu_math_attention_max_tokens: int = 256
+    # bf16/fp16 on CPU (see mrm_scale.model.mrm.attention_kernels); 0 = torch's choice everywhere
+    cpu_math_attention_max_tokens: int = 128
     timm_name: str | None = "vit_base_patch16_224"  # timm architecture the encoder exports to
 
     # ---- derived geometry -------------------------------------------------------------------------------------
