@@ -15,6 +15,11 @@ the timed batch. The practical peak is a large square matmul of the same dtype m
 between the timed steps (so both see the same machine load); MFU = achieved / peak. Step times and peak are
 medians. The last line printed is one JSON object.
 
+``--engine`` also times the step through the DeepSpeed engine the trainer builds (``train.setup.build_engine``'s
+recipe, ZeRO-2 bf16 with DeepSpeed's optimizer, a world of one) in a child process, one engine step after each
+plain step, so both see the same machine load; the JSON line gains ``engine`` and ``engine_over_plain``
+(engine samples/s over the plain step's).
+
 Imports stay light at module level (no DeepSpeed, no DALI): the GPU script runs this on a machine with only
 PyTorch, timm and transformers.
 """
@@ -53,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "own rule for short half-precision stacks applies inside (see --cpu-math-attention-max-tokens)")
     p.add_argument("--cpu-math-attention-max-tokens", type=int, default=None, metavar="T",
                    help="the model's CPU rule: bf16 stacks of <= T tokens use the unfused SDPA kernel (default: "
-                   "the preset's cpu_math_attention_max_tokens, 256; 0 = flash everywhere)")
+                   "the preset's cpu_math_attention_max_tokens, 128; 0 = flash everywhere)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -67,9 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU host memory policy (mrm_scale.host_memory): retain freed memory in the process, as the "
                    "trainer's CPU ranks do (default), or glibc's default (mmap/munmap large blocks, trim the heap)")
     p.add_argument("--engine", action="store_true",
-                   help="also time the same step through the DeepSpeed engine the trainer builds (a world of one; "
-                   "--config, ZeRO-2 bf16 by default, with its own optimizer), alternating with the plain step; "
-                   "the JSON line gives both and engine_over_plain")
+                   help="also time the same step through the DeepSpeed engine the trainer builds (a world of one in a "
+                   "child process; --config, ZeRO-2 bf16 by default, with its own optimizer), stepped in turn with "
+                   "the plain step; the JSON line gives both and engine_over_plain")
     p.add_argument("--config", default="zero2.json",
                    help="DeepSpeed JSON for --engine: a shipped name (zero2.json) or a path")
     p.add_argument("--against", default=None, metavar="FLAGS",
@@ -318,6 +323,75 @@ class EngineStep:
             dist.destroy_process_group()
 
 
+def _engine_worker(args: argparse.Namespace, device: str, conn) -> None:
+    """The engine's side of ``--engine``, in its own process: its own heap and its own process group."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.device(device).type == "cpu":
+        host_memory.apply(args.malloc)
+    try:
+        engine = EngineStep(args, torch.device(device))
+    except Exception as e:  # noqa: BLE001 - reported by the parent, which names --engine
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    import deepspeed
+
+    conn.send(("ready", {"config": engine.config_name, "zero_stage": engine.zero_stage,
+                         "bf16": bool(engine.ds_config.get("bf16", {}).get("enabled")), "optimizer": engine.optimizer,
+                         "basic_optimizer": engine.basic_optimizer, "deepspeed": deepspeed.__version__}))
+    while (seed := conn.recv()) is not None:
+        conn.send(("step", engine.timed(seed)))
+    engine.close()
+    conn.send(("closed", None))
+
+
+class EngineProcess:
+    """:class:`EngineStep` in a child process, stepped in lockstep with the plain step of this one. Two models in
+    one process share one heap: their differently-sized temporaries keep it growing (page faults, 2-5 s steps in
+    that setting), which neither has when run alone."""
+
+    TIMEOUT_S = 1800.0  # a generous guard: a DeepSpeed start compiles its CPU ops once (minutes)
+
+    def __init__(self, args: argparse.Namespace, device):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_worker, args=(args, str(device), child), daemon=True)
+        self.proc.start()
+        child.close()
+        kind, info = self._recv()
+        if kind != "ready":
+            self.proc.join(10)
+            raise RuntimeError(info)
+        self.info = info
+
+    def _recv(self):
+        if not self.conn.poll(self.TIMEOUT_S):
+            self.proc.terminate()
+            raise RuntimeError(f"the engine process did not answer in {self.TIMEOUT_S:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process ended (exit code {self.proc.exitcode})") from None
+
+    def timed(self, seed: int) -> tuple[float, float]:
+        self.conn.send(seed)
+        return self._recv()[1]
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+            self._recv()
+        except (RuntimeError, OSError):
+            pass
+        self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
 def _variant(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``--against``'s flags applied on top."""
     import copy
@@ -417,8 +491,8 @@ def _run(args: argparse.Namespace) -> int:
     engine = None
     if args.engine:
         try:
-            engine = EngineStep(args, device)
-        except (ImportError, ValueError, OSError) as e:
+            engine = EngineProcess(args, device)
+        except RuntimeError as e:
             print(f"mrm-scale bench step --engine: {e}", file=sys.stderr)
             return 2
     with _sdpa_context(args.sdpa):
@@ -438,6 +512,8 @@ def _run(args: argparse.Namespace) -> int:
                         engine_times.append(dt)
             if i >= args.warmup:
                 peak.sample(args.peak_reps)  # interleaved: the peak sees the same machine load as the steps
+        if engine is not None:
+            engine.close()
         table = profile_step(model, optimizer, batch, args.seed, args.profile, device) if args.profile else None
     # counted on the first timed step's masks (FlopCounterMode; gradients discarded, weights untouched)
     flops = count_training_flops(model, batch, seed=args.seed + args.warmup)
@@ -470,19 +546,14 @@ def _run(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if engine is not None:
-        import deepspeed
-
         engine_s = statistics.median(engine_times)
         result["engine"] = {
-            "config": engine.config_name, "zero_stage": engine.zero_stage,
-            "bf16": bool(engine.ds_config.get("bf16", {}).get("enabled")), "optimizer": engine.optimizer,
-            "basic_optimizer": engine.basic_optimizer, "deepspeed": deepspeed.__version__,
+            **engine.info, "process": "its own, stepped in turn with this one",
             "step_s": round(engine_s, 5), "step_s_all": [round(t, 4) for t in engine_times],
             "samples_per_s": _sig(args.batch / engine_s),
             "mfu": _sig(gflop * args.batch / engine_s / peak.median),
             "loss_first": engine_losses[0], "loss_last": engine_losses[-1],
         }
         result["engine_over_plain"] = _sig(step_s / engine_s)  # samples/s of the engine / of the plain step
-        engine.close()
     print(json.dumps(result), flush=True)
     return 0

@@ -163,11 +163,13 @@ def plan(cfg, args) -> dict:
         from mrm_scale.model.memory import activation_bytes, measure_activation_bytes
 
         host_memory.apply("retain")
-        m = measure_activation_bytes(cfg, args.vocab_size)
-        f = activation_bytes(cfg, args.vocab_size, masked_tokens=m["masked_tokens_per_sample"],
+        measured_cfg = cfg.replace(grad_checkpointing=args.grad_checkpointing)
+        m = measure_activation_bytes(measured_cfg, args.vocab_size)
+        f = activation_bytes(measured_cfg, args.vocab_size, masked_tokens=m["masked_tokens_per_sample"],
                              text_attention=m["text_attention"])["total"]
         out["measured"] = {"per_sample_mib": m["per_sample"] / 2**20, "formula_same_kernels_mib": f / 2**20,
-                           "formula_over_measured": f / m["per_sample"], "kernels": "ViT stacks fused, BERT unfused (CPU)"}
+                           "formula_over_measured": f / m["per_sample"], "grad_checkpointing": args.grad_checkpointing,
+                           "kernels": "ViT stacks fused, BERT unfused (CPU)"}
     return out
 
 
