@@ -189,3 +189,21 @@ def test_cpu_attention_kernel_rule_keeps_the_numbers():
         torch.testing.assert_close(loss, flash_loss, rtol=1e-2, atol=0)
         cos = torch.nn.functional.cosine_similarity(grad, flash_grad, dim=0)
         assert cos > 0.99, float(cos)
+
+
+def test_host_memory_policy_for_training_ranks(monkeypatch):
+    from mrm_scale import host_memory
+
+    if host_memory.apply("default") is None:
+        pytest.skip("malloc is not glibc's")
+    monkeypatch.delenv(host_memory.ENV, raising=False)
+    assert host_memory.apply_for_training(2) is None and host_memory.current() == "default"  # untouched
+    assert host_memory.apply_for_training(1) == "retain" == host_memory.current()
+    monkeypatch.setenv(host_memory.ENV, "default")
+    assert host_memory.apply_for_training(1) == "default" == host_memory.current()
+    monkeypatch.setenv(host_memory.ENV, "keep")
+    with pytest.raises(ValueError, match="MRM_HOST_MALLOC='keep'"):
+        host_memory.apply_for_training(1)
+    with pytest.raises(ValueError, match="retain"):
+        host_memory.apply("keep")
+    host_memory.apply("default")

@@ -133,7 +133,7 @@ def start_distributed(timeout_s: float = 600.0) -> tuple[int, int, int, str]:
         if "OMP_NUM_THREADS" not in os.environ or int(os.environ["OMP_NUM_THREADS"]) < 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
         try:  # freed host memory stays in the process: no page faults on every step's temporaries
-            host_memory.apply_for_training()
+            host_memory.apply_for_training(world)
         except ValueError as e:
             raise RunConfigError(str(e)) from None
     return rank, world, local, device
