@@ -1,3 +1,4 @@
+import gc
 import os
 import pathlib
 
@@ -5,6 +6,15 @@ import pytest
 
 REALDATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """Objects a test leaves in reference cycles are destroyed here, in the pytest process, and not later in a
+    forked DataLoader worker of another test: a DALI pipeline destroyed in a fork waits forever for executor
+    threads that the fork does not have (seen as a hung ``pt_data_worker`` holding the GIL)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
