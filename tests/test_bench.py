@@ -72,6 +72,58 @@ def test_bench_step_engine_times_the_trainers_deepspeed_engine_on_the_same_step(
     assert r["host_malloc"] == "retain"
 
 
+def test_bench_step_original_times_the_original_codes_step_beside_ours(capsys):
+    """--original: the original MRM step (fp32 weights under autocast, report loss at every position) at the same
+    sizes on the same batch, in its own process, with the speed-up of ours."""
+    args = ["bench", "step", "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--original"]
+    assert main(args) == 0
+    r = last_json(capsys.readouterr().out)
+    o = r["original"]
+    assert o["report_loss"] == "every position" and len(o["step_s_all"]) == 2 and o["step_s"] > 0
+    assert r["plain_over_original"] == pytest.approx(o["step_s"] / r["step_s"], rel=1e-3)
+    assert o["mfu"] == pytest.approx(r["mfu"] * r["step_s"] / o["step_s"], rel=1e-3)  # same model FLOPs
+    assert main([*args, "--against=--compile"]) == 2
+    assert "separate comparisons" in capsys.readouterr().err
+
+
+def test_original_step_trains_and_scores_every_report_position():
+    from mrm_scale.bench.original import OriginalStep
+    from mrm_scale.formats.tokenizer import TokenizerIdentity
+    from mrm_scale.model import get_preset
+    from mrm_scale.model.flops import synthetic_batch
+
+    cfg, vocab = get_preset("tiny"), 1000
+    ids = TokenizerIdentity.canonical(vocab).model_ids()
+    batch = synthetic_batch(cfg, 4, vocab_size=vocab, seed=0)
+    step = OriginalStep(cfg, batch, vocab, ids, "bf16", seed=0)
+    assert all(p.dtype == __import__("torch").float32 for p in step.model.parameters())  # fp32 weights, autocast
+    masked = step.batch["masked_ids"] == ids["mask_token_id"]
+    assert 0.3 < float(masked[batch["attention_mask"].bool()].float().mean()) < 0.7  # half of the words masked
+    for g in step.opt.param_groups:
+        g["lr"] = 1e-3
+    losses = [step.step(seed) for seed in range(12)]
+    assert losses[-1] < losses[0] - 0.5, losses  # a real training step: the loss falls on a repeated batch
+    assert step.grad_norm > 0
+
+
+@pytest.mark.realdata
+def test_original_model_has_every_key_and_shape_of_the_official_state_dict(realdata):
+    """The baseline is the paper's model: its state dict (BERT under the original's bert_encoder.model. prefix)
+    has exactly the keys and shapes of the official checkpoint's (official-mrm-keys.tsv)."""
+    from mrm_scale.bench.original import OriginalMRM
+    from mrm_scale.model import get_preset
+
+    official = {}
+    for line in (realdata / "official-mrm-keys.tsv").read_text().splitlines()[1:]:
+        key, shape, _ = line.split("\t")
+        official[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    vocab = official["bert_encoder.model.bert.embeddings.word_embeddings.weight"][0]
+    sd = OriginalMRM(get_preset("base"), vocab, 0).state_dict()
+    ours = {("bert_encoder.model." + k[len("bert."):] if k.startswith("bert.") else k): tuple(v.shape)
+            for k, v in sd.items()}
+    assert ours == official
+
+
 def test_bench_step_refuses_bad_input(capsys):
     assert main(["bench", "step", "--preset", "nope", "--steps", "1"]) == 2
     assert "unknown model preset" in capsys.readouterr().err

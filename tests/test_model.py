@@ -315,6 +315,31 @@ def test_activation_checkpointing_same_loss_and_grads(batch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_bucketed_vocabulary_rows_change_nothing_but_the_shapes(batch):
+    """report_rows_multiple pads the masked rows of the vocabulary projection to a few shapes: the loss, every
+    gradient and the predictions are those of the exact row count, and the counted model FLOPs skip the padding."""
+    exact, bucketed = tiny(report_rows_multiple=1), tiny(report_rows_multiple=64)
+    bucketed.load_state_dict(exact.state_dict())
+    seen = []
+    hook = bucketed.report.mlm.cls.predictions.decoder.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    outs = []
+    for m in (exact, bucketed):
+        out = m(batch, seed=4)
+        out.loss.backward()
+        outs.append(out)
+    hook.remove()
+    n = int(outs[0].token_mask.sum())
+    assert n % 64 and seen == [n + (64 - n % 64)]  # the projection really ran on the padded rows
+    torch.testing.assert_close(outs[0].loss, outs[1].loss)
+    assert torch.equal(outs[0].report_pred_ids, outs[1].report_pred_ids)
+    for (name, p), (_, q) in zip(exact.named_parameters(), bucketed.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert count_training_flops(bucketed, batch, seed=4)["total"] == count_training_flops(exact, batch, seed=4)["total"]
+    assert bucketed.report.rows_multiple == 64  # restored after counting
+    with pytest.raises(ValueError, match="report_rows_multiple"):
+        get_preset("tiny", report_rows_multiple=0)
+
+
 def test_one_channel_model_and_shape_errors():
     m = tiny(in_chans=1)
     b = random_batch(m.cfg, b=2)

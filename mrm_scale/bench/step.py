@@ -18,7 +18,9 @@ medians. The last line printed is one JSON object.
 ``--engine`` also times the step through the DeepSpeed engine the trainer builds (``train.setup.build_engine``'s
 recipe, ZeRO-2 bf16 with DeepSpeed's optimizer, a world of one) in a child process, one engine step after each
 plain step, so both see the same machine load; the JSON line gains ``engine`` and ``engine_over_plain``
-(engine samples/s over the plain step's).
+(engine samples/s over the plain step's). ``--original`` does the same for the original MRM code's step
+(:mod:`mrm_scale.bench.original`): ``original`` and ``plain_over_original`` (this step's samples/s over the
+original's; MFU of both from the same model FLOPs).
 
 Imports stay light at module level (no DeepSpeed, no DALI): the GPU script runs this on a machine with only
 PyTorch, timm and transformers.
@@ -75,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the same step through the DeepSpeed engine the trainer builds (a world of one in a "
                    "child process; --config, ZeRO-2 bf16 by default, with its own optimizer), stepped in turn with "
                    "the plain step; the JSON line gives both and engine_over_plain")
+    p.add_argument("--original", action="store_true",
+                   help="also time the original MRM code's step (mrm_scale/bench/original.py: fp32 weights under "
+                   "autocast, report loss at every position, torch AdamW) at the same sizes on the same batch, in a "
+                   "child process stepped in turn with the plain step; the JSON line gives plain_over_original")
     p.add_argument("--config", default="zero2.json",
                    help="DeepSpeed JSON for --engine: a shipped name (zero2.json) or a path")
     p.add_argument("--against", default=None, metavar="FLAGS",
@@ -299,9 +305,12 @@ class EngineStep:
         if args.precision == "bf16":
             batch["image"] = batch["image"].to(torch.bfloat16)  # what the trainer feeds a bf16 engine
         self.batch = batch
-        self.optimizer = type(self.engine.optimizer).__name__
         basic = getattr(self.engine, "basic_optimizer", None)
-        self.basic_optimizer = type(basic).__name__ if basic is not None else None
+        self.info = {"config": self.config_name, "zero_stage": self.zero_stage,
+                     "bf16": bool(self.ds_config.get("bf16", {}).get("enabled")),
+                     "optimizer": type(self.engine.optimizer).__name__,
+                     "basic_optimizer": type(basic).__name__ if basic is not None else None,
+                     "deepspeed": deepspeed.__version__}
 
     def timed(self, seed: int) -> tuple[float, float]:
         import torch
@@ -323,8 +332,42 @@ class EngineStep:
             dist.destroy_process_group()
 
 
-def _engine_worker(args: argparse.Namespace, device: str, conn) -> None:
-    """The engine's side of ``--engine``, in its own process: its own heap and its own process group."""
+class OriginalSide:
+    """``--original``: the original MRM code's step (:mod:`mrm_scale.bench.original`) at the preset's sizes, on the
+    same batch (fp32 image: its loop feeds fp32 and autocasts)."""
+
+    def __init__(self, args, device):
+        import torch
+
+        from mrm_scale.bench.original import OriginalStep
+        from mrm_scale.formats.tokenizer import TokenizerIdentity
+        from mrm_scale.model import get_preset
+        from mrm_scale.model.flops import synthetic_batch
+        from mrm_scale.model.presets import parse_overrides
+
+        cfg = get_preset(args.preset, **parse_overrides(args.overrides))
+        ids = TokenizerIdentity.canonical(args.vocab_size).model_ids()
+        batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=device, seed=args.seed)
+        self.step = OriginalStep(cfg, batch, args.vocab_size, ids, args.precision, args.seed)
+        self.info = {"code": "the original MRM step (mrm_scale/bench/original.py)",
+                     "precision": ("fp32 weights, forward and backward under bf16 autocast"
+                                   if args.precision == "bf16" else "fp32"),
+                     "optimizer": "torch.optim.AdamW (the device's default implementation), no clipping",
+                     "report_loss": "every position", "torch": torch.__version__}
+
+    def timed(self, seed: int) -> tuple[float, float]:
+        return self.step.timed(seed)
+
+    def close(self) -> None:
+        pass
+
+
+SIDES = {"engine": EngineStep, "original": OriginalSide}
+
+
+def _side_worker(kind: str, args: argparse.Namespace, device: str, conn) -> None:
+    """One compared step (``--engine`` or ``--original``) in its own process: its own heap (and, for the engine,
+    its own process group)."""
     import torch
 
     if args.threads:
@@ -332,34 +375,31 @@ def _engine_worker(args: argparse.Namespace, device: str, conn) -> None:
     if torch.device(device).type == "cpu":
         host_memory.apply(args.malloc)
     try:
-        engine = EngineStep(args, torch.device(device))
-    except Exception as e:  # noqa: BLE001 - reported by the parent, which names --engine
+        side = SIDES[kind](args, torch.device(device))
+    except Exception as e:  # noqa: BLE001 - reported by the parent, which names the flag
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    import deepspeed
-
-    conn.send(("ready", {"config": engine.config_name, "zero_stage": engine.zero_stage,
-                         "bf16": bool(engine.ds_config.get("bf16", {}).get("enabled")), "optimizer": engine.optimizer,
-                         "basic_optimizer": engine.basic_optimizer, "deepspeed": deepspeed.__version__}))
+    conn.send(("ready", side.info))
     while (seed := conn.recv()) is not None:
-        conn.send(("step", engine.timed(seed)))
-    engine.close()
+        conn.send(("step", side.timed(seed)))
+    side.close()
     conn.send(("closed", None))
 
 
-class EngineProcess:
-    """:class:`EngineStep` in a child process, stepped in lockstep with the plain step of this one. Two models in
-    one process share one heap: their differently-sized temporaries keep it growing (page faults, 2-5 s steps in
-    that setting), which neither has when run alone."""
+class SideProcess:
+    """A compared step (:class:`EngineStep`, :class:`OriginalSide`) in a child process, stepped in turn with the
+    plain step of this one. Two models in one process share one heap: their differently-sized temporaries keep it
+    growing (page faults, 2-5 s steps with the engine in that setting), which neither has when run alone."""
 
     TIMEOUT_S = 1800.0  # a generous guard: a DeepSpeed start compiles its CPU ops once (minutes)
 
-    def __init__(self, args: argparse.Namespace, device):
+    def __init__(self, kind: str, args: argparse.Namespace, device):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
+        self.kind = kind
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_worker, args=(args, str(device), child), daemon=True)
+        self.proc = ctx.Process(target=_side_worker, args=(kind, args, str(device), child), daemon=True)
         self.proc.start()
         child.close()
         kind, info = self._recv()
@@ -371,11 +411,11 @@ class EngineProcess:
     def _recv(self):
         if not self.conn.poll(self.TIMEOUT_S):
             self.proc.terminate()
-            raise RuntimeError(f"the engine process did not answer in {self.TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"the {self.kind} process did not answer in {self.TIMEOUT_S:.0f} s")
         try:
             return self.conn.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process ended (exit code {self.proc.exitcode})") from None
+            raise RuntimeError(f"the {self.kind} process ended (exit code {self.proc.exitcode})") from None
 
     def timed(self, seed: int) -> tuple[float, float]:
         self.conn.send(seed)
@@ -473,8 +513,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     malloc = host_memory.apply(args.malloc) if device.type == "cpu" else None
     if args.against:
-        if args.engine:
-            print("mrm-scale bench step: --engine and --against are separate comparisons; give one",
+        if args.engine or args.original:
+            print("mrm-scale bench step: --engine/--original and --against are separate comparisons; give one",
                   file=sys.stderr)
             return 2
         return _run_ab(args, device)
@@ -488,32 +528,32 @@ def _run(args: argparse.Namespace) -> int:
 
     from mrm_scale.model.flops import count_training_flops
 
-    engine = None
-    if args.engine:
+    others: dict[str, SideProcess] = {}
+    for kind in [k for k in SIDES if getattr(args, k)]:
         try:
-            engine = EngineProcess(args, device)
+            others[kind] = SideProcess(kind, args, device)
         except RuntimeError as e:
-            print(f"mrm-scale bench step --engine: {e}", file=sys.stderr)
+            for o in others.values():
+                o.close()
+            print(f"mrm-scale bench step --{kind}: {e}", file=sys.stderr)
             return 2
+    order = ["plain", *others]
     with _sdpa_context(args.sdpa):
-        times, losses, engine_times, engine_losses = [], [], [], []
+        times, losses = {k: [] for k in order}, {k: [] for k in order}
         for i in range(args.warmup + args.steps):
-            # plain and engine steps alternate (P E E P ...): both see the same machine load
-            for side in (("plain", "engine") if i % 2 == 0 else ("engine", "plain")):
+            # the compared steps take turns, the order reversed every step (P E O O E P ...): same machine load
+            for side in (order if i % 2 == 0 else order[::-1]):
                 if side == "plain":
                     loss, dt = timed_step(model, optimizer, batch, args.seed + i, device)
-                    losses.append(loss)
-                    if i >= args.warmup:
-                        times.append(dt)
-                elif engine is not None:
-                    loss, dt = engine.timed(args.seed + i)
-                    engine_losses.append(loss)
-                    if i >= args.warmup:
-                        engine_times.append(dt)
+                else:
+                    loss, dt = others[side].timed(args.seed + i)
+                losses[side].append(loss)
+                if i >= args.warmup:
+                    times[side].append(dt)
             if i >= args.warmup:
                 peak.sample(args.peak_reps)  # interleaved: the peak sees the same machine load as the steps
-        if engine is not None:
-            engine.close()
+        for o in others.values():
+            o.close()
         table = profile_step(model, optimizer, batch, args.seed, args.profile, device) if args.profile else None
     # counted on the first timed step's masks (FlopCounterMode; gradients discarded, weights untouched)
     flops = count_training_flops(model, batch, seed=args.seed + args.warmup)
@@ -521,7 +561,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"torch.profiler, one step, top {args.profile} ops by self "
               f"{'CUDA' if device.type == 'cuda' else 'CPU'} time:\n{table}", file=sys.stderr)
 
-    step_s = statistics.median(times)
+    step_s = statistics.median(times["plain"])
     samples_per_s = args.batch / step_s
     gflop = flops["per_sample"] / 1e9
     achieved = gflop * samples_per_s
@@ -535,25 +575,29 @@ def _run(args: argparse.Namespace) -> int:
         "host_malloc": malloc, "compile": args.compile, "sdpa": args.sdpa, "grad_checkpointing": cfg.grad_checkpointing,
         "cpu_math_attention_max_tokens": cfg.cpu_math_attention_max_tokens,
         "steps": args.steps, "warmup": args.warmup,
-        "step_s": round(step_s, 5), "step_s_all": [round(t, 4) for t in times],
+        "step_s": round(step_s, 5), "step_s_all": [round(t, 4) for t in times["plain"]],
         "samples_per_s": _sig(samples_per_s),
         "model_gflop_per_sample": _sig(gflop),
         "masked_tokens_per_sample": flops["masked_tokens_per_sample"],
         "achieved_gflop_s": _sig(achieved),
         "peak_gflop_s": _sig(peak.median), "peak_matmul": f"{peak.n}x{peak.n} {args.precision}",
         "mfu": _sig(achieved / peak.median),
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": losses["plain"][0], "loss_last": losses["plain"][-1],
         "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    if engine is not None:
-        engine_s = statistics.median(engine_times)
-        result["engine"] = {
-            **engine.info, "process": "its own, stepped in turn with this one",
-            "step_s": round(engine_s, 5), "step_s_all": [round(t, 4) for t in engine_times],
-            "samples_per_s": _sig(args.batch / engine_s),
-            "mfu": _sig(gflop * args.batch / engine_s / peak.median),
-            "loss_first": engine_losses[0], "loss_last": engine_losses[-1],
+    for kind, other in others.items():
+        other_s = statistics.median(times[kind])
+        result[kind] = {
+            **other.info, "process": "its own, stepped in turn with this one",
+            "step_s": round(other_s, 5), "step_s_all": [round(t, 4) for t in times[kind]],
+            "samples_per_s": _sig(args.batch / other_s),
+            # the same model FLOPs per sample (the method's work), so MFUs compare as samples/s do
+            "mfu": _sig(gflop * args.batch / other_s / peak.median),
+            "loss_first": losses[kind][0], "loss_last": losses[kind][-1],
         }
-        result["engine_over_plain"] = _sig(step_s / engine_s)  # samples/s of the engine / of the plain step
+    if "engine" in others:  # samples/s of the engine / of the plain step
+        result["engine_over_plain"] = _sig(step_s / result["engine"]["step_s"])
+    if "original" in others:  # samples/s of this step / of the original code's
+        result["plain_over_original"] = _sig(result["original"]["step_s"] / step_s)
     print(json.dumps(result), flush=True)
     return 0

@@ -151,8 +151,11 @@ def count_training_flops(
     """
     report = getattr(model, "report", None)
     old_hint = report.meta_masked_tokens if report is not None else None
-    if report is not None and masked_tokens is not None:
-        report.meta_masked_tokens = int(masked_tokens)
+    old_multiple = report.rows_multiple if report is not None else None
+    if report is not None:
+        report.rows_multiple = 1  # model FLOPs: the padding rows of the bucketed vocabulary projection not counted
+        if masked_tokens is not None:
+            report.meta_masked_tokens = int(masked_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     ckpt = getattr(model, "grad_checkpointing", False)
     if ckpt and not include_recompute:
@@ -165,7 +168,7 @@ def count_training_flops(
         if ckpt and not include_recompute:
             model.set_grad_checkpointing(True)
         if report is not None:
-            report.meta_masked_tokens = old_hint
+            report.meta_masked_tokens, report.rows_multiple = old_hint, old_multiple
     b = batch["image"].shape[0]
     if out.token_mask is None:
         scored = 0.0

@@ -63,6 +63,11 @@ class MRMConfig:
     # CPU attention kernel: stacks whose sequences are at most this long use SDPA's unfused "math" kernel for
     # bf16/fp16 on CPU (see mrm_scale.model.mrm.attention_kernels); 0 = torch's choice everywhere
     cpu_math_attention_max_tokens: int = 128
+    # the report head's vocabulary projection runs on the masked positions, whose number changes every batch; it is
+    # rounded up to a multiple of this (padding rows repeat a real one and are dropped before the loss), so the
+    # matmul libraries see a few shapes instead of a new one per step (oneDNN builds a kernel per new shape on CPU:
+    # 4-20 ms each). 1 = exact row count
+    report_rows_multiple: int = 64
     timm_name: str | None = "vit_base_patch16_224"  # timm architecture the encoder exports to
 
     # ---- derived geometry -------------------------------------------------------------------------------------
@@ -132,6 +137,8 @@ class MRMConfig:
             raise bad("in_chans", "must be 1 or 3")
         if self.cpu_math_attention_max_tokens < 0:
             raise bad("cpu_math_attention_max_tokens", "must be >= 0 (0: torch's kernel choice everywhere)")
+        if self.report_rows_multiple < 1:
+            raise bad("report_rows_multiple", "must be >= 1 (1: the exact number of masked tokens)")
         for dim, heads, field in (
             (self.embed_dim, self.num_heads, "embed_dim"),
             (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
