@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
-    p.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
-                   help="AdamW implementation: torch's fused kernel (default), multi-tensor foreach, or per-tensor")
+    p.add_argument("--optimizer", choices=("fused", "foreach", "loop", "deepspeed"), default="fused",
+                   help="AdamW implementation: torch's fused kernel (default), multi-tensor foreach, per-tensor, or "
+                   "DeepSpeed's FusedAdam (the trainer engine's; on a CPU its C++ op, built on first use)")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (regional)")
     p.add_argument("--sdpa", choices=("auto", "flash", "math"), default="auto",
                    help="attention kernels: auto (torch picks), flash (flash attention; memory-efficient kernel "
@@ -112,9 +113,14 @@ class MasterAdamW:
         if self.mixed:
             for m in self.master:
                 m.grad = torch.zeros_like(m)
-        flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}[impl]
         self.impl = impl
-        self.opt = torch.optim.AdamW(master_groups, **ADAMW, **flags)
+        if impl == "deepspeed":  # the kernel the trainer's engine steps with (FusedAdam; its C++ op on a CPU)
+            from deepspeed.ops.adam import FusedAdam
+
+            self.opt = FusedAdam(master_groups, adam_w_mode=True, **ADAMW)
+        else:
+            flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}[impl]
+            self.opt = torch.optim.AdamW(master_groups, **ADAMW, **flags)
 
     def step(self) -> None:
         import torch
