@@ -6,7 +6,7 @@
 #   1. training-step throughput and MFU of the `base` and `large` presets in bf16 with flash SDPA:
 #      `mrm-scale bench step --device cuda --precision bf16 --sdpa flash` (forward, backward, fp32-master AdamW
 #      step on random data of the batch contract; model FLOPs counted with FlopCounterMode; peak = an 8192^2 bf16
-#      matmul measured in the same run);
+#      matmul measured in the same run); `base` with `--original`: the original MRM code's step beside ours;
 #   2. the CUDA paths of the model: the same weights, batch and seed give the same masks and bf16 and fp32
 #      losses (image and report, fp32 in both) that agree on the GPU, with finite gradients;
 #   3. JPEG decoding of synthetic shards (prepared here with `mrm-scale prep --source synthetic`) on the GPU with
@@ -71,15 +71,17 @@ echo "== mrm-scale GPU benchmark on: $GPU ($("$PY" -c 'import torch; print("torc
 echo "== results in $OUT"
 
 # -- 1. training step per preset ---------------------------------------------------------------------------
+ORIGINAL="--original"  # the first preset also times the original MRM code's step beside ours (plain_over_original)
 for P in $PRESETS; do
   B="BATCH_$P"; B="${!B}"
-  echo "== [1] bench step: preset $P, batch $B, bf16, flash SDPA, $STEPS steps after $WARMUP warm-up"
-  if timeout "$(cap 240)" "$PY" -m mrm_scale.cli bench step --device "$DEVICE" --preset "$P" --batch "$B" --precision bf16 \
-      --sdpa flash --steps "$STEPS" --warmup "$WARMUP" 2>&1 | tee "$OUT/step_$P.log"; then
+  echo "== [1] bench step: preset $P, batch $B, bf16, flash SDPA, $STEPS steps after $WARMUP warm-up ${ORIGINAL}"
+  if timeout "$(cap 300)" "$PY" -m mrm_scale.cli bench step --device "$DEVICE" --preset "$P" --batch "$B" --precision bf16 \
+      --sdpa flash --steps "$STEPS" --warmup "$WARMUP" $ORIGINAL 2>&1 | tee "$OUT/step_$P.log"; then
     tail -n 1 "$OUT/step_$P.log" > "$OUT/step_$P.json"
   else
     FAILED="$FAILED step_$P"
   fi
+  ORIGINAL=""
 done
 
 # -- 2. CUDA paths: bf16 vs fp32 losses on the same weights, batch and masks --------------------------------
@@ -221,7 +223,9 @@ for p in presets:
     r = load(f"step_{p}.json")
     rows.append((f"step {p} bf16 (flash SDPA)", "FAILED (see step_%s.log)" % p if r is None else
                  f"batch {r['batch']}: {r['samples_per_s']:.1f} samples/s, {r['achieved_gflop_s'] / 1e3:.2f} TFLOP/s, "
-                 f"MFU {r['mfu']:.3f} (peak {r['peak_gflop_s'] / 1e3:.1f} TFLOP/s, {r['peak_matmul']} matmul)"))
+                 f"MFU {r['mfu']:.3f} (peak {r['peak_gflop_s'] / 1e3:.1f} TFLOP/s, {r['peak_matmul']} matmul)"
+                 + (f"; the original code's step: {r['original']['samples_per_s']:.1f} samples/s, ours "
+                    f"{r['plain_over_original']:.2f}x" if "original" in r else "")))
 loss = load("losses.json")
 if loss is None:
     rows.append(("losses bf16 vs fp32", "FAILED"))

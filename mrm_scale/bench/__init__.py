@@ -1,7 +1,8 @@
 """``mrm-scale bench``: benchmarks, one module each (``add_arguments(parser)`` + ``run(args) -> int``).
 
 Every benchmark prints one JSON line last (medians of several runs, compared against a baseline measured in
-the same run). Add a benchmark by adding its module to ``BENCHES``.
+the same run). Add a benchmark by adding its module to ``BENCHES``. Baselines that are not benchmarks of their own
+live beside the one that uses them: ``original`` (the original MRM code's training step, ``bench step --original``).
 """
 
 from __future__ import annotations
