@@ -197,13 +197,10 @@ class PeakMatmul:
         return statistics.median(self.values)
 
 
-def build(args, device):
-    """(model, optimizer, batch, cfg) for the step."""
-    import torch
-
-    from mrm_scale.formats.tokenizer import TokenizerIdentity
-    from mrm_scale.model import build_model, get_preset, param_groups
-    from mrm_scale.model.flops import synthetic_batch
+def model_config(args):
+    """The model config of the step: the preset, ``--set`` overrides, ``--grad-checkpointing`` and the CPU
+    attention rule (the plain step and the engine's build the same model)."""
+    from mrm_scale.model import get_preset
     from mrm_scale.model.presets import parse_overrides
 
     cfg = get_preset(args.preset, **parse_overrides(args.overrides))
@@ -211,6 +208,18 @@ def build(args, device):
         cfg = cfg.replace(grad_checkpointing=True)
     if args.cpu_math_attention_max_tokens is not None:
         cfg = cfg.replace(cpu_math_attention_max_tokens=args.cpu_math_attention_max_tokens).validate()
+    return cfg
+
+
+def build(args, device):
+    """(model, optimizer, batch, cfg) for the step."""
+    import torch
+
+    from mrm_scale.formats.tokenizer import TokenizerIdentity
+    from mrm_scale.model import build_model, param_groups
+    from mrm_scale.model.flops import synthetic_batch
+
+    cfg = model_config(args)
     torch.manual_seed(args.seed)
     model = build_model(cfg, **TokenizerIdentity.canonical(args.vocab_size).model_ids()).to(device)
     batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=device, seed=args.seed)
@@ -278,9 +287,8 @@ class EngineStep:
         import deepspeed
 
         from mrm_scale.formats.tokenizer import TokenizerIdentity
-        from mrm_scale.model import build_model, get_preset, param_groups
+        from mrm_scale.model import build_model, param_groups
         from mrm_scale.model.flops import synthetic_batch
-        from mrm_scale.model.presets import parse_overrides
         from mrm_scale.train.config import TrainArgs, load_ds_json, resolve_ds_config, zero_stage
         from mrm_scale.train.launcher import packaged_ds_config
         from mrm_scale.train.setup import start_distributed
@@ -293,11 +301,7 @@ class EngineStep:
         self.config_name = os.path.basename(path)
         self.zero_stage = zero_stage(self.ds_config)
         start_distributed()
-        cfg = get_preset(args.preset, **parse_overrides(args.overrides))
-        if args.grad_checkpointing:
-            cfg = cfg.replace(grad_checkpointing=True)
-        if args.cpu_math_attention_max_tokens is not None:
-            cfg = cfg.replace(cpu_math_attention_max_tokens=args.cpu_math_attention_max_tokens).validate()
+        cfg = model_config(args)
         torch.manual_seed(args.seed)
         model = build_model(cfg, **TokenizerIdentity.canonical(args.vocab_size).model_ids())
         if args.compile:
@@ -347,11 +351,9 @@ class OriginalSide:
 
         from mrm_scale.bench.original import OriginalStep
         from mrm_scale.formats.tokenizer import TokenizerIdentity
-        from mrm_scale.model import get_preset
         from mrm_scale.model.flops import synthetic_batch
-        from mrm_scale.model.presets import parse_overrides
 
-        cfg = get_preset(args.preset, **parse_overrides(args.overrides))
+        cfg = model_config(args)
         ids = TokenizerIdentity.canonical(args.vocab_size).model_ids()
         batch = synthetic_batch(cfg, args.batch, vocab_size=args.vocab_size, device=device, seed=args.seed)
         self.step = OriginalStep(cfg, batch, args.vocab_size, ids, args.precision, args.seed)
