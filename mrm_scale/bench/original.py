@@ -75,6 +75,7 @@ class OriginalMRM(nn.Module):
             num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=cfg.max_tokens,
             type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=pad_token_id,
+            attn_implementation="sdpa",  # today's default, named: the boolean key-padding mask below is SDPA's form
         )
         self.bert = BertForMaskedLM(bert_cfg)
         # the original's BERT keeps its pooler (its subclass drops the flag that would remove it) and runs it
