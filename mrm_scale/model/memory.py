@@ -13,10 +13,13 @@ stacks of :mod:`mrm_scale.model.mrm`, with T tokens of width D, MLP width H and 
   kernel's fp32 log-sum-exp ``4 h T``. An unfused ("math") kernel also keeps the h T^2 probabilities
   (``attention="math"``);
 - a BERT layer (L report tokens) keeps the same ``L (8 D + 2 H) a`` plus its two dropout masks ``2 L D`` (1 byte
-  each); its attention dropout lives inside the fused kernel on a GPU; the unfused kernel (the CPU's, with
-  dropout) keeps probabilities, mask and dropped probabilities, ``h L^2 (2 a + 1)``;
+  each); its attention dropout lives inside the fused kernel on a GPU. As a CPU runs it (``attention="math"``):
+  SDPA's unfused kernel computes half precision in fp32, so q, k and v are kept as fp32 copies (``3 L D 4``) and
+  the probabilities, their dropout mask and the dropped probabilities as three fp32 ``h L^2`` tensors, and the CPU's
+  dropout keeps its masks in the activation dtype (``2 L D a``);
 - around the stacks: the patch projection's input, the encoder's final norm, the decoder's embedding and head
-  inputs, the pixel loss's fp32 prediction/target/difference ``3 * 4 N P`` (P target pixels per patch), the
+  inputs and its prediction (returned with the losses), the pixel loss's fp32 difference ``4 N P`` (P target pixels per patch; the square's backward keeps only
+  that), the
   report embeddings (LayerNorm and dropout), and the MLM head on the M scored tokens: transform and GELU
   ``4 M D a`` and the fp32 log-softmax ``4 M V`` (the logits themselves are not kept);
 - transient at the backward's peak: the cross-entropy's two fp32 gradients of the logits, ``2 * 4 M V``.
@@ -29,7 +32,10 @@ Measured (:func:`measure_activation_bytes`): the same step on CPU, with ``malloc
 (:func:`mrm_scale.host_memory.heap_in_use`) sampled at every tensor autograd saves or reads back and after every
 backward node; the weights' gradients are allocated before the step (as DeepSpeed's gradient buffers are), and
 the slope of the peak above the start between two batch sizes is the per-sample figure (anything else that does
-not grow with the batch cancels). The ViT stacks use the fused kernel for it
+not grow with the batch cancels). Both sizes must peak at the same place: at batch 2 a checkpointed ``base`` peaked
+late in the backward, at the word embedding's dense gradient (vocabulary x width, the same at any batch), and
+at batch 4 at the cross-entropy's backward, which made the slope 23.5 MiB where batches 4 and 8 (both at the
+cross-entropy) give 22.6; hence 4 and 8. The ViT stacks use the fused kernel for it
 (``cpu_math_attention_max_tokens=0``), as on a GPU; BERT's attention with dropout runs unfused on CPU, so the
 comparison uses ``text_attention="math"``.
 """
@@ -51,12 +57,10 @@ def _vit_block(tokens: int, dim: int, hidden: int, heads: int, a: int, attention
 
 def _bert_layer(tokens: int, dim: int, hidden: int, heads: int, a: int, attention: str) -> float:
     t = tokens
-    out = t * (8 * dim + 2 * hidden) * a + LN_STATS * t + 2 * t * dim
-    if attention == "math":
-        out += heads * t * t * (2 * a + 1)
-    else:
-        out += 4 * heads * t
-    return out
+    if attention == "math":  # as a CPU runs it: see the module doc
+        return (t * (5 * dim * a + 3 * dim * 4 + 2 * hidden * a) + 3 * 4 * heads * t * t  # q, k, v, probabilities
+                + LN_STATS * t + 2 * t * dim * a)  # dropout masks in the activation dtype
+    return t * (8 * dim + 2 * hidden) * a + LN_STATS * t + 4 * heads * t + 2 * t * dim
 
 
 def _stack(kind, depth: int, tokens: int, dim: int, hidden: int, heads: int, a: int, attention: str,
@@ -101,7 +105,8 @@ def activation_bytes(
                            cfg.decoder_num_heads, a, attention, ckpt)
     decoder += kept
     decoder += (n + 1) * dd * a * 2 + LN_STATS / 2 * (n + 1)  # final norm input, head input
-    losses = 3 * 4 * n * cfg.pred_dim  # pixel loss: fp32 prediction, normalised target, difference
+    decoder += n * cfg.pred_dim * a  # the prediction itself: the model returns it (TensorBoard's reconstructions)
+    losses = 4 * n * cfg.pred_dim  # pixel loss: the fp32 difference (what the square's backward keeps)
 
     report = backward_peak = text_one = 0.0
     if cfg.has_report_head:
@@ -134,7 +139,7 @@ def _hook_every_node(root, sample) -> None:
         todo.extend(nxt for nxt, _ in node.next_functions)
 
 
-def measure_activation_bytes(cfg: MRMConfig, vocab_size: int = 30522, batches: tuple[int, int] = (2, 4),
+def measure_activation_bytes(cfg: MRMConfig, vocab_size: int = 30522, batches: tuple[int, int] = (4, 8),
                              seed: int = 0) -> dict:
     """Per-sample activation peak of a bf16 training forward + backward, measured on CPU (see the module doc).
     Returns ``per_sample`` (bytes), ``peaks`` {batch: bytes above the start}, ``masked_tokens_per_sample`` and the
