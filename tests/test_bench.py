@@ -199,6 +199,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert "step tiny bf16" in table and "losses bf16 vs fp32" in table and "-> ok" in table
     assert re.search(r"decode_jpeg \d+ JPEGs +\| CPU \d+ img/s", table), table
     assert re.search(r"mrm-paper fine-tune step \(tiny, 224 px\) +\| batch 2: train [\d.]+ img/s", table), table
+    assert re.search(r"the original code's step: [\d.]+ samples/s, ours [\d.]+x", table), table  # --original
     for name in ("step_tiny.json", "losses.json", "decode.json", "finetune.json"):
         assert (tmp_path / name).is_file()
 
