@@ -410,8 +410,8 @@ class SideProcess:
         self.proc = ctx.Process(target=_side_worker, args=(kind, args, str(device), child), daemon=True)
         self.proc.start()
         child.close()
-        kind, info = self._recv()
-        if kind != "ready":
+        what, info = self._recv()
+        if what != "ready":
             self.proc.join(10)
             raise RuntimeError(info)
         self.info = info
