@@ -87,6 +87,8 @@ def test_bench_step_original_times_the_original_codes_step_beside_ours(capsys):
 
 
 def test_original_step_trains_and_scores_every_report_position():
+    import torch
+
     from mrm_scale.bench.original import OriginalStep
     from mrm_scale.formats.tokenizer import TokenizerIdentity
     from mrm_scale.model import get_preset
@@ -96,7 +98,7 @@ def test_original_step_trains_and_scores_every_report_position():
     ids = TokenizerIdentity.canonical(vocab).model_ids()
     batch = synthetic_batch(cfg, 4, vocab_size=vocab, seed=0)
     step = OriginalStep(cfg, batch, vocab, ids, "bf16", seed=0)
-    assert all(p.dtype == __import__("torch").float32 for p in step.model.parameters())  # fp32 weights, autocast
+    assert all(p.dtype == torch.float32 for p in step.model.parameters())  # fp32 weights, autocast
     masked = step.batch["masked_ids"] == ids["mask_token_id"]
     assert 0.3 < float(masked[batch["attention_mask"].bool()].float().mean()) < 0.7  # half of the words masked
     for g in step.opt.param_groups:

@@ -24,13 +24,12 @@ the masked ids are an input of its step as they are of ours (ours masks inside t
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mrm_scale.model.masking import apply_token_mask, make_generator, whole_word_mask
+from mrm_scale.model.masking import apply_token_mask, make_generator, random_patch_mask, whole_word_mask
+from mrm_scale.model.mrm import pixel_loss
 from mrm_scale.model.patches import patchify, sincos_table_2d
 from mrm_scale.model.presets import MRMConfig
 
@@ -85,14 +84,9 @@ class OriginalMRM(nn.Module):
     def _encode(self, imgs: torch.Tensor, gen: torch.Generator | None):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         n, length, d = x.shape
-        keep = int(length * (1 - self.cfg.mask_ratio))
-        noise = torch.rand(n, length, device=x.device, generator=gen)
-        ids_shuffle = noise.argsort(dim=1)
-        ids_restore = ids_shuffle.argsort(dim=1)
-        x = x.gather(1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
-        removed = torch.ones(n, length, device=x.device)
-        removed[:, :keep] = 0
-        removed = removed.gather(1, ids_restore)
+        # the original's masking is ours (argsort of uniform noise, keep the first part); its gather repeats the index
+        ids_keep, ids_restore, removed = random_patch_mask(n, length, self.cfg.mask_ratio, gen, x.device)
+        x = x.gather(1, ids_keep[..., None].repeat(1, 1, d))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
@@ -125,11 +119,8 @@ class OriginalMRM(nn.Module):
         latent, removed, ids_restore = self._encode(imgs, make_generator(seed, big.device))
         report_loss = self._report_loss(latent, batch)
         pred = self._decode(latent, ids_restore)
-        target = patchify(big, self.cfg.out_patch_size)
-        if self.cfg.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        per_patch = ((pred - target) ** 2).mean(dim=-1)
-        image_loss = (per_patch * removed).sum() / removed.sum()
+        # the original's loss is ours: per-patch normalised 32-px targets, MSE over the removed patches
+        image_loss = pixel_loss(pred, patchify(big, self.cfg.out_patch_size), removed, self.cfg.norm_pix_loss)
         return image_loss, report_loss
 
 
@@ -165,12 +156,3 @@ class OriginalStep:
         self.opt.step()
         self.opt.zero_grad()
         return float(loss.detach())
-
-    def timed(self, seed: int) -> tuple[float, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        loss = self.step(seed)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return loss, time.perf_counter() - t0

@@ -18,9 +18,9 @@ stacks of :mod:`mrm_scale.model.mrm`, with T tokens of width D, MLP width H and 
   the probabilities, their dropout mask and the dropped probabilities as three fp32 ``h L^2`` tensors, and the CPU's
   dropout keeps its masks in the activation dtype (``2 L D a``);
 - around the stacks: the patch projection's input, the encoder's final norm, the decoder's embedding and head
-  inputs and its prediction (returned with the losses), the pixel loss's fp32 difference ``4 N P`` (P target pixels per patch; the square's backward keeps only
-  that), the
-  report embeddings (LayerNorm and dropout), and the MLM head on the M scored tokens: transform and GELU
+  inputs and its prediction (returned with the losses), the pixel loss's fp32 difference ``4 N P`` (P target
+  pixels per patch; the square's backward keeps only that), the report embeddings (LayerNorm and dropout), and
+  the MLM head on the M scored tokens: transform and GELU
   ``4 M D a`` and the fp32 log-softmax ``4 M V`` (the logits themselves are not kept);
 - transient at the backward's peak: the cross-entropy's two fp32 gradients of the logits, ``2 * 4 M V``.
 
